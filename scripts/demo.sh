@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One command on a fresh machine: install what is missing, prepare the built-in default model
+# (SmolLM2-135M) and generate with self-speculative decoding on the CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+bash scripts/install.sh
+"$PY" scripts/prepare_default_model.py
+"$PY" generate.py --device cpu --batch_size 4 --max_new_tokens 64 --gamma 4 --draft_budget 64 --sink 16 \
+  --prompt "The old lighthouse keeper climbed the stairs one last time, and" \
+  --prompt "Photosynthesis is the process by which plants" \
+  --prompt "A short history of the bicycle begins in 1817, when" \
+  --prompt "Dear diary, today I finally" "$@"

@@ -1,0 +1,95 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, vocab_size=256, max_position_embeddings=256)
+
+
+@pytest.fixture(scope="session")
+def default_ckpt() -> Path:
+    """The built-in SmolLM2-135M checkpoint (fp32), converted on first use."""
+    from convert_checkpoint import default_checkpoint
+
+    return default_checkpoint()
+
+
+def make_hf_checkpoint(path, model_type="llama", save="safetensors", seed=0, **config):
+    """Save a tiny random transformers model into `path`; returns the (fp32, eval) model.
+    save: "safetensors" | "sharded" (several safetensors + index) | "bin" (pytorch_model.bin)."""
+    import transformers
+
+    cls = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[model_type]
+    cfg = getattr(transformers, f"{cls}Config")(**{**TINY, **config})
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{cls}ForCausalLM")(cfg).float().eval()
+    with torch.no_grad():  # HF init leaves norms at 1 and biases at 0: make every weight matter
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.1)
+    path = Path(path)
+    if save == "bin":  # transformers 5 dropped safe_serialization=False
+        path.mkdir(parents=True, exist_ok=True)
+        cfg.save_pretrained(path)
+        torch.save(model.state_dict(), path / "pytorch_model.bin")
+    else:
+        model.save_pretrained(path, **({"max_shard_size": "100KB"} if save == "sharded" else {}))
+    return model
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path):
+    """Factory: hf_checkpoint(model_type=..., save=..., **config) -> (dir, transformers model)."""
+    def make(**kw):
+        d = tmp_path / "hf"
+        return d, make_hf_checkpoint(d, **kw)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def truncated():
+    """Factory: truncated(model, n) -> a copy of `model` with only its first n layers, a real
+    (weaker) draft model that shares the vocabulary."""
+    import copy
+    import dataclasses
+
+    def make(model, n_layers):
+        d = copy.deepcopy(model)
+        d.layers = d.layers[:n_layers]
+        d.args = dataclasses.replace(d.args, n_layers=n_layers)
+        return d
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, default_ckpt) -> Path:
+    """A small random model (2 layers, 4 heads over 2 KV heads) with the default model's
+    tokenizer, written as a checkpoint: for tests that need many processes or many rows."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from model import ModelArgs, Transformer
+
+    d = tmp_path_factory.mktemp("tiny")
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49152, intermediate_size=128,
+                     max_seq_len=512, tie_embeddings=True, bos_id=1, eos_ids=[2])
+    torch.manual_seed(0)
+    model = Transformer(args)
+    with torch.no_grad():
+        for w in model.parameters():
+            w.normal_(0, 0.3)
+    state = {k: v for k, v in model.state_dict().items() if k != "output.weight"}
+    save_file(state, d / "model.safetensors")
+    args.save(d / "config.json")
+    shutil.copy(default_ckpt / "tokenizer.json", d)
+    return d

@@ -1,0 +1,114 @@
+"""The generate.py command line: prompts, batching, the JSON contract, compile, bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import generate as G
+from model import Transformer
+from tokenizer import load_tokenizer
+
+ROOT = G.Path(G.__file__).parent
+
+
+def cli(*argv, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, argv)], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_json_contract_and_prompt_sources(default_ckpt, tmp_path):
+    (tmp_path / "a.txt").write_text("The river ran past the mill,\nand the miller")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "Bread is made from"}) + "\n\n"
+                                      + json.dumps({"text": "The first law of motion"}) + "\n")
+    out = tmp_path / "out.json"
+    rows, stats = G.main(["--checkpoint", str(default_ckpt), "--prompt", "Tea or coffee?", "--prompt_file",
+                          str(tmp_path / "a.txt"), "--prompt_file", str(tmp_path / "b.jsonl"), "--batch_size", "6",
+                          "--max_new_tokens", "9", "--gamma", "3", "--draft_budget", "24", "--sink", "4",
+                          "--json", str(out)])
+    j = json.loads(out.read_text())
+    assert set(j) == {"config", "rows", "stats"}
+    for flag in ("checkpoint", "prompt", "prompt_file", "prompt_len", "batch_size", "max_new_tokens", "temperature",
+                 "top_k", "top_p", "seed", "device", "dtype", "compile", "json", "draft", "draft_checkpoint",
+                 "draft_budget", "sink", "gamma"):
+        assert flag in j["config"]
+    assert j["config"]["batch_size"] == 6 and j["config"]["gamma"] == 3
+    for key in ("generated_tokens", "seconds", "tokens_per_second", "prefill_seconds", "decode_seconds",
+                "bandwidth_gb_s", "verify_steps", "mean_accepted", "acceptance_rate", "acceptance_by_position",
+                "draft_seconds", "verify_seconds"):
+        assert key in j["stats"]
+    assert len(j["stats"]["acceptance_by_position"]) == 3
+    tok = load_tokenizer(default_ckpt)
+    texts = ["Tea or coffee?", "The river ran past the mill,\nand the miller", "Bread is made from",
+             "The first law of motion"]
+    assert len(j["rows"]) == 6
+    for i, r in enumerate(j["rows"]):  # rows cycle through the prompts in order
+        assert set(r) == {"prompt_tokens", "tokens", "text", "finish_reason"}
+        assert r["prompt_tokens"] == len(tok.encode(texts[i % 4]))
+        assert r["text"] == tok.decode(r["tokens"]) and r["finish_reason"] in ("eos", "length")
+        assert len(r["tokens"]) == 9 or r["finish_reason"] == "eos"
+    assert j["rows"][4]["tokens"] == j["rows"][0]["tokens"]
+    assert j["stats"]["generated_tokens"] == sum(len(r["tokens"]) for r in j["rows"])
+    assert rows == j["rows"]
+
+
+def test_prompt_len_cuts_prompts(default_ckpt):
+    rows, _ = G.main(["--checkpoint", str(default_ckpt), "--prompt", "one two three four five six seven",
+                      "--prompt_len", "4", "--max_new_tokens", "3", "--draft", "none"])
+    assert rows[0]["prompt_tokens"] == 4
+
+
+def test_greedy_cli_speculation_equals_plain(default_ckpt):
+    argv = ["--checkpoint", str(default_ckpt), "--prompt", "A short history of the bicycle:", "--prompt",
+            "Water boils at", "--max_new_tokens", "30"]
+    plain, _ = G.main(argv + ["--draft", "none"])
+    spec, stats = G.main(argv + ["--draft_budget", "20", "--sink", "4", "--gamma", "5"])
+    assert [r["tokens"] for r in spec] == [r["tokens"] for r in plain]
+    assert stats["verify_steps"] < 30
+
+
+def test_compile_captures_each_step_once(tiny_ckpt):
+    """--compile: one graph for the draft step and one for the verify step, none recompiled while
+    generating or on a second run (CPU inductor here; CUDA graphs on GPU use the same graphs)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = Transformer.from_checkpoint(tiny_ckpt)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    ref = G.generate(model, prompts, 12, gamma=3, budget=8, sink=2)[0]
+    out = G.generate(model, prompts, 12, gamma=3, budget=8, sink=2, compile=True)[0]
+    assert counters["stats"]["unique_graphs"] == 2
+    out2 = G.generate(model, prompts[::-1], 20, gamma=3, budget=8, sink=2, compile=True)[0]
+    assert counters["stats"]["unique_graphs"] == 2  # no recompiles: other rows and lengths, same shapes
+    assert out == ref and out2[1][:12] == ref[0]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--checkpoint", "/nonexistent/ckpt"], "no config.json"),
+    (["--prompt", "word " * 9000], "exceeds the model's context of 8192"),
+    (["--prompt", "Hello there", "--prompt_len", "50"], "--prompt_len 50: a prompt has only"),
+    (["--gamma", "0"], "--gamma must be >= 1"),
+    (["--draft_budget", "8", "--sink", "16"], "--draft_budget 8"),
+    (["--prompt_file", "/nonexistent.jsonl"], "no such file"),
+])
+def test_bad_input_is_one_line(default_ckpt, argv, message):
+    r = cli(*argv, "--max_new_tokens", "4")
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+
+
+def test_draft_with_another_vocabulary_is_refused(default_ckpt, tiny_ckpt, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_ckpt, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["vocab_size"] = 32000
+    (other / "config.json").write_text(json.dumps(cfg))
+    r = cli("--draft_checkpoint", other, "--max_new_tokens", "4")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("error: ") and "another vocabulary" in r.stderr

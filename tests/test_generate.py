@@ -1,0 +1,93 @@
+"""Decoding on the real default model: the cache, ragged batches, and lossless self-speculation."""
+import pytest
+import torch
+
+from generate import generate
+from model import Transformer
+from tokenizer import load_tokenizer
+
+TEXTS = [
+    "The history of the printing press begins in the fifteenth century, when",
+    "Photosynthesis is the process by which green plants",
+    "Once upon a time",
+    "In mathematics, a prime number is a natural number greater than one that is not a product of "
+    "two smaller natural numbers. The first few primes are",
+    "Dear Sir, I write to you concerning the matter of the",
+]
+
+
+@pytest.fixture(scope="module")
+def real(default_ckpt):
+    torch.manual_seed(0)
+    model = Transformer.from_checkpoint(default_ckpt, dtype=torch.float32)
+    tok = load_tokenizer(default_ckpt)
+    prompts = [tok.encode(t) for t in TEXTS]
+    assert len({len(p) for p in prompts}) == len(prompts)  # ragged
+    return model, tok, prompts
+
+
+@pytest.fixture(scope="module")
+def ar64(real):
+    model, _, prompts = real
+    return generate(model, prompts, 64)[0]
+
+
+def test_incremental_decoding_equals_full_forward(real):
+    model, _, prompts = real
+    x = torch.tensor([(prompts[3] + prompts[0])[:40]])
+    pos = torch.arange(40)[None]
+    model.setup_caches(1, 64)
+    full = model(x, pos)
+    model.setup_caches(1, 64)
+    steps = [model(x[:, :25], pos[:, :25])] + [model(x[:, i : i + 1], pos[:, i : i + 1]) for i in range(25, 40)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_ragged_batch_equals_rows_alone(real, ar64):
+    model, _, prompts = real
+    for i, p in enumerate(prompts):
+        assert generate(model, [p], 64)[0][0] == ar64[i], f"row {i}"
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 6])
+@pytest.mark.parametrize("budget", [32, 256])
+def test_greedy_self_speculation_is_exact(real, ar64, gamma, budget):
+    model, _, prompts = real
+    new, reasons, stats = generate(model, prompts, 64, gamma=gamma, budget=budget, sink=16)
+    assert new == ar64
+    assert reasons == ["length"] * len(prompts)
+    assert all(len(n) == 64 for n in new)
+    assert 0 < stats["acceptance_rate"] <= 1 and len(stats["acceptance_by_position"]) == gamma
+
+
+def test_budget_covering_everything_accepts_every_draft(real, ar64):
+    model, _, prompts = real
+    new, _, stats = generate(model, prompts, 64, gamma=4, budget=512, sink=16)
+    assert new == ar64
+    assert stats["acceptance_rate"] == 1.0
+    assert stats["acceptance_by_position"] == [1.0] * 4
+
+
+@pytest.mark.parametrize("gamma,budget", [(1, 32), (3, 0), (6, 256)])
+def test_greedy_separate_draft_model_is_exact(real, ar64, truncated, gamma, budget):
+    model, _, prompts = real
+    draft = truncated(model, 10)
+    new, _, stats = generate(model, prompts, 64, gamma=gamma, draft_model=draft, budget=budget, sink=16)
+    assert new == ar64
+    assert 0 < stats["acceptance_rate"] < 1
+
+
+def test_eos_mid_step_and_uneven_limits(real, ar64):
+    """An EOS that lands inside a verify step, rows that stop long before the others, and a
+    max_new_tokens that is not a multiple of gamma + 1: still exactly the plain outputs."""
+    model, _, prompts = real
+    # an id that row 0 produces early and that is absent from the start of some other row
+    eos = next(t for t in ar64[0][5:20] if any(t not in r[:40] for r in ar64[1:]))
+    for max_new in (37, 61):
+        ref, ref_reasons, _ = generate(model, prompts, max_new, eos_ids=[eos])
+        assert "eos" in ref_reasons and "length" in ref_reasons
+        assert len(ref[0]) < 20 and ref[0][-1] == eos
+        for gamma in (3, 5):
+            new, reasons, _ = generate(model, prompts, max_new, gamma=gamma, budget=32, sink=16, eos_ids=[eos])
+            assert (new, reasons) == (ref, ref_reasons), (max_new, gamma)
+            assert all(len(n) <= max_new and eos not in n[:-1] for n in new)

@@ -1,0 +1,102 @@
+"""Tensor and data parallelism on CPU (gloo, processes spawned by torchrun): the same logits and
+the same tokens as one process, on one "node" or two."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import generate as G
+from model import Transformer
+
+ROOT = G.Path(G.__file__).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(*argv, nproc=2, launcher=("--standalone",), script="generate.py", timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "--nproc_per_node", str(nproc),
+           str(ROOT / script), *map(str, argv)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=ENV)
+
+
+def rows_of(path):
+    return [r["tokens"] for r in json.loads(path.read_text())["rows"]]
+
+
+RAGGED = ["--prompt", "The capital of Italy is", "--prompt", "Here is a recipe for a simple tomato soup. First,",
+          "--prompt", "Once", "--max_new_tokens", "24"]
+
+
+def test_tp2_logits_match_one_process(default_ckpt, tmp_path):
+    """3 KV heads over 2 ranks (2 + 1): logits of a ragged batch equal the unsharded model's."""
+    torch.manual_seed(0)
+    lens = [7, 19, 12]
+    idx = torch.randint(0, 49152, (3, 19))
+    pos = torch.arange(19).expand(3, -1)
+    torch.save({"idx": idx, "pos": pos}, tmp_path / "logits.in.pt")
+    r = torchrun(default_ckpt, 2, tmp_path / "logits.pt", script="tests/tp_worker.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    model = Transformer.from_checkpoint(default_ckpt, dtype=torch.float32)
+    model.setup_caches(3, 19)
+    with torch.no_grad():
+        ref = model(idx, pos)
+    got = torch.load(tmp_path / "logits.pt")
+    for b, n in enumerate(lens):  # each row's own prefix: positions past it are padding
+        torch.testing.assert_close(got[b, :n], ref[b, :n], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", [["--draft", "none"], ["--gamma", "3", "--draft_budget", "12", "--sink", "4"],
+                                  ["--temperature", "0.8", "--top_k", "50", "--seed", "7", "--gamma", "2",
+                                   "--draft_budget", "12", "--sink", "4"]])
+def test_tp2_generates_what_one_process_does(default_ckpt, tmp_path, mode):
+    """Greedy plain and self-speculative decoding, and seeded sampling, with a ragged batch."""
+    argv = ["--checkpoint", default_ckpt, *RAGGED, *mode]
+    ref, _ = G.main(list(map(str, argv)))
+    r = torchrun(*argv, "--tp", 2, "--json", tmp_path / "tp.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert rows_of(tmp_path / "tp.json") == [x["tokens"] for x in ref]
+
+
+def test_dp2_x_tp2_keeps_rows_in_order(tiny_ckpt, tmp_path):
+    argv = ["--checkpoint", tiny_ckpt, "--prompt", "one", "--prompt", "two three four", "--prompt", "five six",
+            "--batch_size", "5", "--max_new_tokens", "10", "--gamma", "2", "--draft_budget", "6", "--sink", "2"]
+    ref, _ = G.main(list(map(str, argv)))
+    r = torchrun(*argv, "--tp", 2, "--json", tmp_path / "w4.json", nproc=4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert rows_of(tmp_path / "w4.json") == [x["tokens"] for x in ref]
+
+
+def test_two_nodes(default_ckpt, tmp_path):
+    """Two torchrun launchers as two "nodes" on this machine, rendezvous on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["--checkpoint", default_ckpt, *RAGGED, "--gamma", "3", "--draft_budget", "12", "--sink", "4", "--tp", "2"]
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+               "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+               "--rdzv_id", "magicdec-test", str(ROOT / "generate.py"), *map(str, argv),
+               "--json", str(tmp_path / f"node{node}.json")]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                      env=ENV))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    ref, _ = G.main(list(map(str, argv[:-2])))
+    assert rows_of(tmp_path / "node0.json") == [x["tokens"] for x in ref]
+    assert not (tmp_path / "node1.json").exists()  # only global rank 0 writes
+
+
+@pytest.mark.parametrize("nproc,argv,message", [
+    (2, ["--tp", "3"], "--tp 3 does not divide the world size 2"),
+    (4, ["--tp", "4"], "--tp 4 is more ranks than the model's 2 KV heads"),
+])
+def test_bad_tp_fails_fast_on_every_rank(tiny_ckpt, nproc, argv, message):
+    r = torchrun("--checkpoint", tiny_ckpt, "--max_new_tokens", "4", *argv, nproc=nproc, timeout=120)
+    assert r.returncode != 0
+    ours = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(ours) == 1 and message in ours[0], r.stderr[-3000:]  # rank 0 only
+    assert "generate.py\", line" not in r.stderr and "tp.py\", line" not in r.stderr  # no worker traceback

@@ -1,0 +1,189 @@
+"""Tensor parallelism over torchrun's world.
+
+RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun, on one node or many) define the world; --tp N
+splits it into WORLD_SIZE / N data-parallel groups of N consecutive ranks, each serving its share
+of the batch rows. Inside a group every rank owns whole GQA groups (KV heads split as evenly as
+they go, so 3 KV heads over 2 ranks is 2 + 1), a slice of the MLP and a slice of the vocabulary;
+the partial sums are all-reduced explicitly over the full [B, T, dim] activations with functional
+collectives, so a compiled step stays one graph."""
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as fc
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import ModelArgs, Transformer
+
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    tp: int = 1
+    group: object = None  # this rank's tensor-parallel process group
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def dp_size(self) -> int:
+        return self.size // self.tp
+
+
+def world_from_env(tp: int) -> World:
+    """Read torchrun's environment and check --tp against it (before any process group exists,
+    so a bad value fails on every rank alike instead of leaving some waiting)."""
+    size = int(os.environ.get("WORLD_SIZE", 1))
+    w = World(int(os.environ.get("RANK", 0)), size, int(os.environ.get("LOCAL_RANK", 0)), tp)
+    if tp < 1 or size % tp:
+        raise ValueError(f"--tp {tp} does not divide the world size {size} (torchrun's WORLD_SIZE)")
+    return w
+
+
+def check_split(args: ModelArgs, tp: int):
+    if tp > args.n_kv_heads:
+        raise ValueError(f"--tp {tp} is more ranks than the model's {args.n_kv_heads} KV heads: each rank "
+                         f"must own at least one whole GQA group (use --tp <= {args.n_kv_heads})")
+
+
+def init(w: World, device: torch.device):
+    if w.size == 1:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # every rank must create every group, in the same order
+    for g in range(w.dp_size):
+        group = dist.new_group(list(range(g * w.tp, (g + 1) * w.tp)))
+        if g == w.dp_rank:
+            w.group = group
+
+
+def split(n: int, parts: int, i: int) -> tuple[int, int]:
+    """[start, end) of part i of n items over `parts` parts, the first n % parts one larger."""
+    q, r = divmod(n, parts)
+    start = i * q + min(i, r)
+    return start, start + q + (i < r)
+
+
+# --- sharded modules -----------------------------------------------------------------------------
+class RowParallel(nn.Module):
+    """x (sharded on its last dim) @ w_shard.T, summed over the group."""
+
+    def __init__(self, weight, group):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.group = group
+
+    def forward(self, x):
+        return fc.all_reduce(F.linear(x, self.weight), "sum", self.group)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [v0, v0 + Vp) of the table per rank; ids outside give zeros, summed over the group."""
+
+    def __init__(self, weight, v0, group):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.v0, self.group = v0, group
+
+    def forward(self, idx):
+        local = idx - self.v0
+        ok = (local >= 0) & (local < self.weight.shape[0])
+        e = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight) * ok[..., None]
+        return fc.all_reduce(e, "sum", self.group)
+
+
+class VocabParallelOutput(nn.Module):
+    """Logits of this rank's vocabulary slice, gathered into the full [..., V] on every rank, so
+    every rank samples the same token from the same numbers."""
+
+    def __init__(self, weight, vocab_size, group):
+        super().__init__()
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.vocab_size, self.group = vocab_size, group
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)
+        return _all_gather(y.contiguous(), y.dim() - 1, self.group)[..., : self.vocab_size]
+
+
+_all_gather = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor  # renamed after 2.11
+
+
+def linear(weight, bias=None) -> nn.Linear:
+    m = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    m.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        m.bias = nn.Parameter(bias, requires_grad=False)
+    return m
+
+
+def load(path, w: World, device, dtype=None) -> Transformer:
+    """This rank's shard of a checkpoint, reading only its slices of model.safetensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    args = ModelArgs.load(path / "config.json")
+    check_split(args, w.tp)
+    H, Hkv, D, I, V = args.n_heads, args.n_kv_heads, args.head_dim, args.intermediate_size, args.vocab_size
+    G = H // Hkv
+    k0, k1 = split(Hkv, w.tp, w.tp_rank)
+    i0, i1 = split(I, w.tp, w.tp_rank)
+    Vp = -(-V // w.tp)  # equal (zero-padded) vocabulary slices: all_gather wants equal sizes
+    v0 = w.tp_rank * Vp
+    with torch.device("meta"):
+        model = Transformer(args)
+
+    with safe_open(path / "model.safetensors", framework="pt", device=str(device)) as f:
+        def get(name, rows=None, cols=None):
+            t = f.get_slice(name)
+            t = t[rows[0]:rows[1]] if rows else t[:, cols[0]:cols[1]] if cols else t[:]
+            return t.to(dtype) if dtype is not None else t
+
+        emb = get("tok_embeddings.weight", (v0, min(v0 + Vp, V)))
+        emb = torch.cat((emb, emb.new_zeros(Vp - emb.shape[0], emb.shape[1])))
+        model.tok_embeddings = VocabParallelEmbedding(emb, v0, w.group)
+        if args.tie_embeddings:
+            out = model.tok_embeddings.weight
+        else:
+            out = get("output.weight", (v0, min(v0 + Vp, V)))
+            out = torch.cat((out, out.new_zeros(Vp - out.shape[0], out.shape[1])))
+        model.output = VocabParallelOutput(out, V, w.group)
+        model.norm.weight = nn.Parameter(get("norm.weight"), requires_grad=False)
+        # wqkv rows: q heads, then k heads, then v heads; this rank's q heads serve its KV heads
+        qkv = [(k0 * G * D, k1 * G * D), (H * D + k0 * D, H * D + k1 * D),
+               ((H + Hkv) * D + k0 * D, (H + Hkv) * D + k1 * D)]
+        for i, b in enumerate(model.layers):
+            p = f"layers.{i}."
+            a = b.attention
+            wqkv = torch.cat([get(p + "attention.wqkv.weight", r) for r in qkv])
+            bias = torch.cat([get(p + "attention.wqkv.bias", r) for r in qkv]) if args.attn_bias else None
+            a.wqkv = linear(wqkv, bias)
+            a.wo = RowParallel(get(p + "attention.wo.weight", cols=(k0 * G * D, k1 * G * D)), w.group)
+            a.n_heads, a.n_kv_heads = (k1 - k0) * G, k1 - k0
+            w13 = torch.cat([get(p + "feed_forward.w13.weight", r) for r in ((i0, i1), (I + i0, I + i1))])
+            b.feed_forward.w13 = linear(w13)
+            b.feed_forward.w2 = RowParallel(get(p + "feed_forward.w2.weight", cols=(i0, i1)), w.group)
+            for n in ("attention_norm", "ffn_norm"):
+                getattr(b, n).weight = nn.Parameter(get(p + n + ".weight"), requires_grad=False)
+    return model.eval()
+
+
+def gather(obj, w: World) -> list | None:
+    """One object per data-parallel group (from its first rank), in group order, on rank 0."""
+    if w.size == 1:
+        return [obj]
+    objs = [None] * w.size
+    dist.all_gather_object(objs, obj)
+    return objs[:: w.tp] if w.rank == 0 else None
