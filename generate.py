@@ -134,17 +134,79 @@ def prefill(model, tokens: Tensor, n: Tensor):
         model(tokens[:, s:e], pos, kv_len=e, logits=False)  # slots past a row's n get pad: masked
 
 
+AUTO_GAMMAS = (0, 1, 2, 3, 4, 6)  # what --gamma auto chooses from (each gamma is one verify graph)
+
+
+def expected_tokens(alpha: float, gamma: int) -> float:
+    """Tokens one verify step commits per row when each draft passes with probability alpha."""
+    return gamma + 1.0 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+class AutoGamma:
+    """--gamma auto: before each step, the gamma (0 = no speculation) with the most expected
+    tokens per second, E(alpha, g) / (g * t_draft + t_verify(g)). alpha is the acceptance measured
+    so far (successes / (successes + rejections), the geometric model's estimate); t_draft and
+    t_verify(g) = v0 + v1 * g are fitted to this run's own step times, exponentially weighted so
+    they follow the growing context. A few steps explore other gammas to keep the fit alive."""
+
+    def __init__(self, gammas=AUTO_GAMMAS, decay=0.95, explore_every=16, group=None, device=None):
+        self.gammas, self.decay, self.explore_every = gammas, decay, explore_every
+        self.group, self.device = group, device  # a tensor-parallel group follows its first rank
+        self.seed = [max(gammas), 0, gammas[len(gammas) // 2]]  # first steps: spread the fit
+        self.acc = [1.0, 1.0]  # successes, rejections (a uniform prior)
+        self.t_draft = None
+        self.fit = torch.zeros(5, dtype=torch.float64)  # weighted sums: w, wx, wy, wxx, wxy
+        self.steps = 0
+        self.used = {}
+
+    def rates(self) -> dict[int, float]:
+        alpha = self.acc[0] / sum(self.acc)
+        w, wx, wy, wxx, wxy = self.fit.tolist()
+        var = wxx * w - wx * wx
+        v1 = max((wxy * w - wx * wy) / var, 0.0) if var > 1e-12 else 0.0
+        v0 = (wy - v1 * wx) / w
+        return {g: expected_tokens(alpha, g) / max(g * (self.t_draft or 0.0) + v0 + v1 * g, 1e-9)
+                for g in self.gammas}
+
+    def choose(self) -> int:
+        if self.steps < len(self.seed):
+            g = self.seed[self.steps]
+        else:
+            ranked = sorted(self.rates().items(), key=lambda kv: -kv[1])
+            g = ranked[1 if self.steps % self.explore_every == 0 else 0][0]
+        if self.group is not None:  # ranks time differently but must run the same step
+            t = torch.tensor([g], device=self.device)
+            torch.distributed.broadcast(t, torch.distributed.get_global_rank(self.group, 0), self.group)
+            g = int(t)
+        self.used[g] = self.used.get(g, 0) + 1
+        return g
+
+    def update(self, g, t_draft, t_verify, accepted: list[int]):
+        self.steps += 1
+        self.fit *= self.decay
+        self.fit += torch.tensor([1.0, g, t_verify, g * g, g * t_verify], dtype=torch.float64)
+        if g:
+            d = t_draft / g
+            self.t_draft = d if self.t_draft is None else self.decay * self.t_draft + (1 - self.decay) * d
+            self.acc[0] += sum(accepted)
+            self.acc[1] += sum(a < g for a in accepted)
+
+
 @torch.no_grad()
-def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, gamma: int = 0,
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, gamma: int | str = 0,
              draft_model: Transformer | None = None, budget: int = 256, sink: int = 16,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_ids=(),
-             compile: bool = False) -> tuple[list[list[int]], list[str], dict]:
-    """Generate up to `max_new_tokens` per row. gamma = 0: plain decoding. gamma > 0: draft with
-    `draft_model` (None: the model itself on a `budget`-slot window of `sink` sinks + recent
-    positions; a separate model uses a window too when budget > 0, else its full cache).
+             compile: bool = False, prefilled: bool = False) -> tuple[list[list[int]], list[str], dict]:
+    """Generate up to `max_new_tokens` per row. gamma = 0: plain decoding. gamma > 0 (or "auto":
+    chosen per step, see AutoGamma): draft with `draft_model` (None: the model itself on a
+    `budget`-slot window of `sink` sinks + recent positions; a separate model uses a window too
+    when budget > 0, else its full cache). prefilled: the model's caches already hold these
+    prompts from an earlier call (benchmarks reuse one prefill for many runs).
     -> (new tokens per row, finish reason per row, stats)."""
     device = model.tok_embeddings.weight.device
-    B, g = len(prompts), gamma
+    auto = AutoGamma(group=getattr(model, "tp_group", None), device=device) if gamma == "auto" else None
+    G = max(AUTO_GAMMAS) if auto else gamma  # the largest gamma a step may use
+    B = len(prompts)
     lens = torch.tensor([len(p) for p in prompts], device=device)
     if int(lens.min()) < 1:
         raise ValueError("every prompt needs at least one token")
@@ -152,49 +214,54 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     tokens = torch.zeros(B, L, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p)
-    # verify writes up to g slots past the last committed position; rounding the cache up lets
+    # verify writes up to G slots past the last committed position; rounding the cache up lets
     # calls of similar lengths share compiled graphs
-    S = -(-(L + max_new_tokens + g) // 64) * 64
-    self_draft = g > 0 and draft_model is None
-    model.setup_caches(B, S, budget if self_draft else 0, sink)
-    if g > 0 and not self_draft:
-        draft_model.setup_caches(B, S, budget, sink)
-    drafter = draft_model if g > 0 and not self_draft else model
-    use_window = g > 0 and budget > 0
-    dstep = compiled(draft_step, compile, device)
-    vstep = compiled(verify_step, compile, device)
-    sampling = (temperature, top_k, top_p)
-
+    S = -(-(L + max_new_tokens + G) // 64) * 64
+    self_draft = G > 0 and draft_model is None
+    drafter = draft_model if G > 0 and not self_draft else model
+    use_window = G > 0 and budget > 0
+    if prefilled and (model.max_batch_size != B or model.max_seq_len < S):
+        raise ValueError(f"prefilled caches hold {model.max_batch_size} rows of {model.max_seq_len} slots, "
+                         f"this call needs {B} of {S}")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    # the last prompt token is not prefilled: it is the first step's pending token
-    pos = lens - 1
-    prefill(model, tokens, pos)
-    if g > 0 and not self_draft:
-        prefill(draft_model, tokens, pos)
+    pos = lens - 1  # the last prompt token is not prefilled: it is the first step's pending token
+    if not prefilled:
+        model.setup_caches(B, S)
+        prefill(model, tokens, pos)
+    if drafter is not model:
+        drafter.setup_caches(B, S)
+        prefill(drafter, tokens, pos)
     if use_window:
+        drafter.setup_window(budget, sink)
         drafter.fill_window(pos)
     sync()
     t_prefill = time.perf_counter() - t0
+    dstep = compiled(draft_step, compile, device)
+    vstep = compiled(verify_step, compile, device)
+    sampling = (temperature, top_k, top_p)
 
     rows = torch.arange(B, device=device)
     cur = tokens[rows, pos]
     prev = tokens[rows, (pos - 1).clamp(min=0)]  # the token before `cur` (see the draft below)
     eos = torch.tensor(list(eos_ids) or [-1], device=device)
-    out = torch.zeros(B, max_new_tokens + g + 2, dtype=torch.long, device=device)  # last col: trash
+    out = torch.zeros(B, max_new_tokens + G + 2, dtype=torch.long, device=device)  # last col: trash
     n_out = torch.zeros(B, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     hit_eos = torch.zeros(B, dtype=torch.bool, device=device)
-    hist = torch.zeros(g + 2, dtype=torch.long, device=device)  # accepted counts; [g+1]: done rows
-    kv_t = torch.zeros((), dtype=torch.long, device=device)  # K/V slots read by the target
-    kv_d = torch.zeros((), dtype=torch.long, device=device)  # ... and by the drafter
-    idx = torch.arange(g + 1, device=device)
+    # [live row-steps, drafts proposed to live rows, K/V slots read by the target, by the drafter]
+    count = torch.zeros(4, dtype=torch.long, device=device)
+    tried = torch.zeros(G, dtype=torch.long, device=device)  # draft i was judged (all before passed)
+    passed = torch.zeros(G, dtype=torch.long, device=device)  # draft i was accepted
     timer = Timer(device)
-    steps = 0
+    steps = n_draft = 0
     t0 = time.perf_counter()
     while steps < max_new_tokens:  # every step commits >= 1 token per live row
         steps += 1
+        g = auto.choose() if auto else G
+        n_draft += g
+        t_step = time.perf_counter()
         timer.mark("draft")
         d, q = [], []
         if g > 0:
@@ -204,18 +271,21 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                 torch.stack((prev, cur), 1), torch.stack((pos - 1, pos), 1).clamp(min=0))
             for i in range(g):
                 t, pr = dstep(drafter, x, p, use_window, *sampling)
-                kv_d += (p[:, -1] + 1).clamp(max=budget if use_window else S).sum()
+                count[3] += (p[:, -1] + 1).clamp(max=budget if use_window else S).sum()
                 d.append(t.clone())
                 if pr is not None:
                     q.append(pr.clone())
                 x, p = d[-1][:, None], (pos + i + 1)[:, None]
+        if auto:
+            sync()
+            t_verify = time.perf_counter()
         timer.mark("verify")
+        idx = torch.arange(g + 1, device=device)
         d = torch.stack(d, 1) if g else cur.new_zeros(B, 0)
         q = torch.stack(q, 1) if q else None
         seq = torch.cat((cur[:, None], d), 1)
         a, t_new = vstep(model, seq, pos[:, None] + idx, d, q, self_draft and use_window, *sampling)
         a, t_new = a.clone(), t_new.clone()
-        kv_t += (pos + g + 1).sum()
         timer.mark("commit")
         # this step's new tokens: d_1..d_a then t_new, cut at EOS and at max_new_tokens
         cand = torch.cat((d, t_new[:, None]), 1).scatter(1, a[:, None], t_new[:, None])
@@ -223,16 +293,25 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         is_eos = (cand[..., None] == eos).any(-1) & valid
         valid &= is_eos.int().cumsum(1) - is_eos.int() == 0  # nothing after the first EOS
         out.scatter_(1, torch.where(valid, n_out[:, None] + idx, out.shape[1] - 1), cand)
-        hist.scatter_add_(0, torch.where(done, g + 1, a), torch.ones_like(a))
+        live = ~done
+        count[0] += live.sum()
+        count[1] += live.sum() * g
+        count[2] += (pos + g + 1).sum()
+        if g:
+            tried[:g] += ((idx[:g] <= a[:, None]) & live[:, None]).sum(0)
+            passed[:g] += ((idx[:g] < a[:, None]) & live[:, None]).sum(0)
         n_out += valid.sum(1)
         hit_eos |= is_eos.any(1)
         done |= hit_eos | (n_out >= max_new_tokens)
-        if g:  # the token at the new pending position - 1: cur if nothing was accepted, else d_a
-            prev = torch.where(a == 0, cur, d.gather(1, (a - 1).clamp(min=0)[:, None])[:, 0])
+        # the token at the new pending position - 1: cur if nothing was accepted, else d_a
+        prev = cur if g == 0 else torch.where(a == 0, cur, d.gather(1, (a - 1).clamp(min=0)[:, None])[:, 0])
         cur = torch.where(done, cur, t_new)
         pos = torch.where(done, pos, pos + a + 1)
         if bool(done.all()):  # the one host sync per step
             break
+        if auto:
+            now = time.perf_counter()
+            auto.update(g, t_verify - t_step, now - t_verify, a[live].tolist())
     timer.mark("end")
     sync()
     t_decode = time.perf_counter() - t0
@@ -241,8 +320,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     new = [out[i][: n_out[i]] for i in range(B)]
     reasons = ["eos" if e else "length" for e in hit_eos.tolist()]
     phases = timer.totals()
-    nbytes = (steps * param_bytes(model) + int(kv_t) * kv_bytes_per_token(model)
-              + steps * g * param_bytes(drafter) + int(kv_d) * kv_bytes_per_token(drafter))
+    row_steps, proposed, kv_t, kv_d = count.tolist()
     stats = {
         "generated_tokens": sum(n_out),
         "prefill_seconds": t_prefill,
@@ -250,27 +328,32 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         "draft_seconds": phases.get("draft", 0.0),
         "verify_seconds": phases.get("verify", 0.0),
         "verify_steps": steps,
-        "accepted_histogram": hist.tolist()[: g + 1],  # row-steps that accepted 0..g drafts
-        "bytes_read": nbytes,  # weights + visible K/V, per forward (per rank under --tp)
+        "row_steps": row_steps,  # live rows summed over steps
+        "drafts_proposed": proposed,
+        "drafts_tried": tried.tolist(),  # per draft position
+        "drafts_accepted": passed.tolist(),
+        # bytes every forward must read: weights + visible K/V (per rank under --tp)
+        "bytes_read": (steps * param_bytes(model) + kv_t * kv_bytes_per_token(model)
+                       + n_draft * param_bytes(drafter) + kv_d * kv_bytes_per_token(drafter)),
     }
+    if auto:
+        stats["gamma_used"] = dict(sorted(auto.used.items()))
     return new, reasons, summarize(stats)
 
 
 def summarize(s: dict) -> dict:
     """Derived stats from the raw counts (kept separate so data-parallel groups can be merged)."""
-    hist, gen = s["accepted_histogram"], s["generated_tokens"]
-    g, row_steps = len(hist) - 1, sum(s["accepted_histogram"])
+    gen, tried, passed = s["generated_tokens"], s["drafts_tried"], s["drafts_accepted"]
     s |= {
         "seconds": s["prefill_seconds"] + s["decode_seconds"],
         "tokens_per_second": gen / s["decode_seconds"],  # decode throughput
         "bandwidth_gb_s": s["bytes_read"] / s["decode_seconds"] / 1e9,
-        "mean_accepted": gen / max(row_steps, 1),  # tokens committed per row per verify step
+        "mean_accepted": gen / max(s["row_steps"], 1),  # tokens committed per row per verify step
     }
-    if g:
-        reached = [sum(hist[i:]) for i in range(g + 1)]  # row-steps with >= i drafts accepted
-        s["acceptance_rate"] = sum(i * h for i, h in enumerate(hist)) / max(g * row_steps, 1)
+    if tried:
+        s["acceptance_rate"] = sum(passed) / max(s["drafts_proposed"], 1)
         # conditional: P(draft i accepted | the drafts before it were)
-        s["acceptance_by_position"] = [reached[i + 1] / max(reached[i], 1) for i in range(g)]
+        s["acceptance_by_position"] = [p / max(t, 1) for p, t in zip(passed, tried)]
     return s
 
 
@@ -280,9 +363,13 @@ def merge_stats(parts: list[dict]) -> dict:
         return parts[0]
     m = {k: max(p[k] for p in parts) for k in
          ("prefill_seconds", "decode_seconds", "draft_seconds", "verify_seconds", "verify_steps")}
-    m["generated_tokens"] = sum(p["generated_tokens"] for p in parts)
-    m["accepted_histogram"] = [sum(h) for h in zip(*(p["accepted_histogram"] for p in parts))]
+    for k in ("generated_tokens", "row_steps", "drafts_proposed"):
+        m[k] = sum(p[k] for p in parts)
+    for k in ("drafts_tried", "drafts_accepted"):
+        m[k] = [sum(x) for x in zip(*(p[k] for p in parts))]
     m["bytes_read"] = sum(p["bytes_read"] for p in parts) / len(parts)  # per rank, as in each part
+    if "gamma_used" in parts[0]:
+        m["gamma_used"] = {g: sum(p["gamma_used"].get(g, 0) for p in parts) for g in AUTO_GAMMAS}
     return summarize(m)
 
 
@@ -317,6 +404,10 @@ def read_prompts(args) -> list[str]:
     return texts or [DEFAULT_PROMPT]
 
 
+def gamma_arg(v: str) -> int | str:
+    return v if v == "auto" else int(v)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", help="converted checkpoint dir (default: the built-in SmolLM2-135M)")
@@ -340,7 +431,9 @@ def parse_args(argv=None):
     ap.add_argument("--draft_budget", type=int, default=256,
                     help="draft KV slots: sink + recent window (0: a separate draft model's full cache)")
     ap.add_argument("--sink", type=int, default=16, help="attention-sink slots of the draft window")
-    ap.add_argument("--gamma", type=int, default=4, help="tokens drafted per verification")
+    ap.add_argument("--gamma", type=gamma_arg, default=4,
+                    help="tokens drafted per verification, or auto: chosen each step from measured "
+                         f"acceptance and step times among {AUTO_GAMMAS} (0 = no speculation)")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (under torchrun); the world "
                     "splits into WORLD_SIZE / tp data-parallel groups")
     return ap.parse_args(argv)
@@ -357,15 +450,16 @@ def check_args(args):
         raise ValueError("need --temperature >= 0, 0 < --top_p <= 1, --top_k >= 0")
     if args.draft == "none":
         return
-    if args.gamma < 1:
-        raise ValueError(f"--gamma must be >= 1 (got {args.gamma}); use --draft none for plain decoding")
+    if args.gamma != "auto" and args.gamma < 1:
+        raise ValueError(f"--gamma must be >= 1 or auto (got {args.gamma}); use --draft none for plain decoding")
     if args.sink < 0:
         raise ValueError("--sink must be >= 0")
     if args.draft_budget == 0 and args.draft_checkpoint is None:
         raise ValueError("--draft_budget 0 (a full draft cache) needs --draft_checkpoint; self-drafting needs a window")
-    if args.draft_budget and args.draft_budget - args.sink < args.gamma + 1:
-        raise ValueError(f"--draft_budget {args.draft_budget} leaves fewer than gamma+1 = {args.gamma + 1} "
-                         f"recent slots after --sink {args.sink}: need a budget >= {args.sink + args.gamma + 1}")
+    g = max(AUTO_GAMMAS) if args.gamma == "auto" else args.gamma
+    if args.draft_budget and args.draft_budget - args.sink < g + 1:
+        raise ValueError(f"--draft_budget {args.draft_budget} leaves fewer than gamma+1 = {g + 1} "
+                         f"recent slots after --sink {args.sink}: need a budget >= {args.sink + g + 1}")
 
 
 def read_checkpoint(path) -> tuple[ModelArgs, "Tokenizer"]:
@@ -436,7 +530,8 @@ def main(argv=None):
               eos_ids=tok.eos_ids, compile=args.compile)
     if args.compile:  # compile (and record CUDA graphs) outside the timed run
         t0 = time.perf_counter()
-        generate(model, prompts[lo:hi], min(args.max_new_tokens, 2 * gamma + 2), **kw)
+        for g in AUTO_GAMMAS if gamma == "auto" else [gamma]:
+            generate(model, prompts[lo:hi], min(args.max_new_tokens, 2 * g + 2), **(kw | {"gamma": g}))
         if world.rank == 0:
             print(f"compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     torch.manual_seed(args.seed + world.dp_rank)  # the ranks of a group draw the same numbers
@@ -466,6 +561,8 @@ def stats_line(s: dict, B: int) -> str:
         line += (f" | {s['verify_steps']} verify steps, {s['mean_accepted']:.2f} tokens/step, "
                  f"acceptance {s['acceptance_rate']:.2f} [{by_pos}] | draft {s['draft_seconds']:.2f} s, "
                  f"verify {s['verify_seconds']:.2f} s")
+    if "gamma_used" in s:
+        line += " | gamma used " + " ".join(f"{g}:{n}" for g, n in s["gamma_used"].items() if n)
     return line
 
 

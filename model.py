@@ -81,11 +81,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class KVCache(nn.Module):
     """Full static cache: slot s holds position s of each row."""
 
-    def __init__(self, batch_size, n_kv_heads, max_seq_len, head_dim, dtype):
+    def __init__(self, batch_size, n_kv_heads, max_seq_len, head_dim, dtype, device=None):
         super().__init__()
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int | None = None):
         # input_pos: [B, T]; k, v: [B, T, H_kv, D] -> cache [B, H_kv, S, D], mask [B, T, S]
@@ -101,13 +101,13 @@ class WindowCache(nn.Module):
     """`sink` fixed slots for positions [0, sink) + a ring of `window` slots for the most recent
     positions. Keys keep their absolute rotation; `pos` (-1 = empty) masks, so ring order is free."""
 
-    def __init__(self, batch_size, n_kv_heads, sink, window, head_dim, dtype):
+    def __init__(self, batch_size, n_kv_heads, sink, window, head_dim, dtype, device=None):
         super().__init__()
         self.sink, self.window = sink, window
         shape = (batch_size, n_kv_heads, sink + window, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("pos", torch.full((batch_size, sink + window), -1), persistent=False)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("pos", torch.full((batch_size, sink + window), -1, device=device), persistent=False)
 
     def slot(self, input_pos: Tensor) -> Tensor:
         ring = self.sink + (input_pos - self.sink) % self.window
@@ -217,24 +217,29 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.max_batch_size = self.max_seq_len = -1
 
-    def setup_caches(self, batch_size, max_seq_len, budget=0, sink=0, dtype=None):
-        """Full caches of `max_seq_len` slots; with `budget` > 0 also a draft window of `sink`
-        sinks + `budget - sink` recent slots."""
+    def setup_caches(self, batch_size, max_seq_len, dtype=None):
+        """Full caches of `max_seq_len` slots per row (and no draft window)."""
         dtype = dtype or self.tok_embeddings.weight.dtype
         device = self.tok_embeddings.weight.device
         self.max_batch_size, self.max_seq_len = batch_size, max_seq_len
         for b in self.layers:
             a = b.attention
-            a.kv_cache = KVCache(batch_size, a.n_kv_heads, max_seq_len, a.head_dim, dtype).to(device)
-            a.window = None
-            if budget:
-                w = WindowCache(batch_size, a.n_kv_heads, sink, budget - sink, a.head_dim, dtype)
-                a.window = w.to(device)
+            a.window = a.kv_cache = None  # free the old caches before allocating new ones
+            a.kv_cache = KVCache(batch_size, a.n_kv_heads, max_seq_len, a.head_dim, dtype, device)
         t = torch.arange(max_seq_len, dtype=torch.float32)
         freqs = torch.outer(t, rope_inv_freq(self.args))
         freqs = torch.cat((freqs, freqs), dim=-1).to(device)  # [S, D], half-split layout
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def setup_window(self, budget, sink):
+        """A draft window beside the full caches: `sink` sink slots + `budget - sink` recent ones."""
+        for b in self.layers:
+            a = b.attention
+            if a.window is None or (a.window.sink, a.window.window) != (sink, budget - sink):
+                k = a.kv_cache.k
+                a.window = None
+                a.window = WindowCache(k.shape[0], a.n_kv_heads, sink, budget - sink, a.head_dim, k.dtype, k.device)
 
     def fill_window(self, length: Tensor):
         for b in self.layers:

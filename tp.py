@@ -177,6 +177,7 @@ def load(path, w: World, device, dtype=None) -> Transformer:
             b.feed_forward.w2 = RowParallel(get(p + "feed_forward.w2.weight", cols=(i0, i1)), w.group)
             for n in ("attention_norm", "ffn_norm"):
                 getattr(b, n).weight = nn.Parameter(get(p + n + ".weight"), requires_grad=False)
+    model.tp_group = w.group
     return model.eval()
 
 

@@ -91,3 +91,35 @@ def test_eos_mid_step_and_uneven_limits(real, ar64):
             new, reasons, _ = generate(model, prompts, max_new, gamma=gamma, budget=32, sink=16, eos_ids=[eos])
             assert (new, reasons) == (ref, ref_reasons), (max_new, gamma)
             assert all(len(n) <= max_new and eos not in n[:-1] for n in new)
+
+
+def test_gamma_auto_is_exact(real, ar64):
+    model, _, prompts = real
+    new, _, stats = generate(model, prompts, 64, gamma="auto", budget=32, sink=16)
+    assert new == ar64
+    assert len([g for g, n in stats["gamma_used"].items() if n]) >= 2  # it explored
+    assert sum(stats["gamma_used"].values()) == stats["verify_steps"]
+
+
+@pytest.mark.parametrize("alpha,t_draft,t_verify,best", [
+    (0.9, 0.05, lambda g: 1.0, 6),  # cheap drafts, good acceptance: draft the most
+    (0.3, 1.0, lambda g: 1.0, 0),  # drafts cost a full step and fail: do not speculate
+    (0.8, 0.1, lambda g: 1.0 + 0.5 * g, 1),  # verification that grows with gamma (compute-bound)
+])
+def test_auto_gamma_follows_its_model(alpha, t_draft, t_verify, best):
+    """Fed synthetic step times and acceptance, AutoGamma settles on the gamma that the expected-
+    tokens-per-second model says is best, and ranks the others by the same model."""
+    import random
+
+    from generate import AutoGamma, expected_tokens
+
+    rng = random.Random(0)
+    auto = AutoGamma()
+    for _ in range(200):
+        g = auto.choose()
+        accepted = [next(i for i in range(g + 1) if i == g or rng.random() > alpha) for _ in range(64)]
+        auto.update(g, g * t_draft, t_verify(g), accepted)
+    rates = auto.rates()
+    want = {g: expected_tokens(alpha, g) / (g * t_draft + t_verify(g)) for g in rates}
+    assert max(rates, key=rates.get) == best == max(want, key=want.get)
+    assert max(auto.used, key=auto.used.get) == best

@@ -49,6 +49,7 @@ def test_tp2_logits_match_one_process(default_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("mode", [["--draft", "none"], ["--gamma", "3", "--draft_budget", "12", "--sink", "4"],
+                                  ["--gamma", "auto", "--draft_budget", "16", "--sink", "4"],
                                   ["--temperature", "0.8", "--top_k", "50", "--seed", "7", "--gamma", "2",
                                    "--draft_budget", "12", "--sink", "4"]])
 def test_tp2_generates_what_one_process_does(default_ckpt, tmp_path, mode):
