@@ -328,6 +328,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         "draft_seconds": phases.get("draft", 0.0),
         "verify_seconds": phases.get("verify", 0.0),
         "verify_steps": steps,
+        "draft_forwards": n_draft,
         "row_steps": row_steps,  # live rows summed over steps
         "drafts_proposed": proposed,
         "drafts_tried": tried.tolist(),  # per draft position
@@ -363,6 +364,7 @@ def merge_stats(parts: list[dict]) -> dict:
         return parts[0]
     m = {k: max(p[k] for p in parts) for k in
          ("prefill_seconds", "decode_seconds", "draft_seconds", "verify_seconds", "verify_steps")}
+    m["draft_forwards"] = max(p["draft_forwards"] for p in parts)
     for k in ("generated_tokens", "row_steps", "drafts_proposed"):
         m[k] = sum(p[k] for p in parts)
     for k in ("drafts_tried", "drafts_accepted"):
