@@ -152,7 +152,7 @@ class AutoGamma:
     def __init__(self, gammas=AUTO_GAMMAS, decay=0.95, explore_every=16, group=None, device=None):
         self.gammas, self.decay, self.explore_every = gammas, decay, explore_every
         self.group, self.device = group, device  # a tensor-parallel group follows its first rank
-        self.seed = [max(gammas), 0, gammas[len(gammas) // 2]]  # first steps: spread the fit
+        self.seed = [g for g in (1, 0, 2) if g in gammas]  # cheap first steps that spread the fit
         self.acc = [1.0, 1.0]  # successes, rejections (a uniform prior)
         self.t_draft = None
         self.fit = torch.zeros(5, dtype=torch.float64)  # weighted sums: w, wx, wy, wxx, wxy
@@ -172,8 +172,9 @@ class AutoGamma:
         if self.steps < len(self.seed):
             g = self.seed[self.steps]
         else:
-            ranked = sorted(self.rates().items(), key=lambda kv: -kv[1])
-            g = ranked[1 if self.steps % self.explore_every == 0 else 0][0]
+            (g, best), (g2, second) = sorted(self.rates().items(), key=lambda kv: -kv[1])[:2]
+            if self.steps % self.explore_every == 0 and second > 0.5 * best:  # refresh the fit
+                g = g2
         if self.group is not None:  # ranks time differently but must run the same step
             t = torch.tensor([g], device=self.device)
             torch.distributed.broadcast(t, torch.distributed.get_global_rank(self.group, 0), self.group)

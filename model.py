@@ -218,17 +218,23 @@ class Transformer(nn.Module):
         self.max_batch_size = self.max_seq_len = -1
 
     def setup_caches(self, batch_size, max_seq_len, dtype=None):
-        """Full caches of `max_seq_len` slots per row (and no draft window)."""
+        """Full caches of `max_seq_len` slots per row. Old contents need no clearing: prefill
+        rewrites what a row reads, and every later slot is written before it is read."""
         dtype = dtype or self.tok_embeddings.weight.dtype
         device = self.tok_embeddings.weight.device
+        t = torch.arange(max_seq_len, dtype=torch.float32)
+        freqs = torch.outer(t, rope_inv_freq(self.args))
+        freqs = torch.cat((freqs, freqs), dim=-1).to(device)  # [S, D], half-split layout
+        c = self.layers[0].attention.kv_cache
+        if c is not None and c.k.shape[0] == batch_size and c.k.shape[2] == max_seq_len and c.k.dtype == dtype:
+            self.cos.copy_(freqs.cos())  # same buffers: compiled steps and CUDA graphs hold on to them
+            self.sin.copy_(freqs.sin())
+            return
         self.max_batch_size, self.max_seq_len = batch_size, max_seq_len
         for b in self.layers:
             a = b.attention
             a.window = a.kv_cache = None  # free the old caches before allocating new ones
             a.kv_cache = KVCache(batch_size, a.n_kv_heads, max_seq_len, a.head_dim, dtype, device)
-        t = torch.arange(max_seq_len, dtype=torch.float32)
-        freqs = torch.outer(t, rope_inv_freq(self.args))
-        freqs = torch.cat((freqs, freqs), dim=-1).to(device)  # [S, D], half-split layout
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
