@@ -42,12 +42,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # runnable from any cwd
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # runnable from any cwd
 
 import torch
 
 import generate as G
 from model import ModelArgs, Transformer
+from speedup_model import cpu_name
 
 PREPARED_LENS = [1024, 2048, 4096, 7168]  # what scripts/prepare_data.py writes by default
 DEFAULTS = {"batch_size": [1, 8, 32], "prompt_len": [2048, 6144], "budget": [256, 512], "gamma": [2, 4, "auto"],
@@ -179,16 +180,6 @@ def max_gamma(gammas) -> int:
 
 
 # ---------------------------------------------------------------------------------------- machine
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info(device: torch.device, dtype: torch.dtype) -> dict:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     m = {"device": device.type, "name": cpu_name(), "cores": cores, "torch": torch.__version__,
