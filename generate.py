@@ -255,6 +255,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     count = torch.zeros(4, dtype=torch.long, device=device)
     tried = torch.zeros(G, dtype=torch.long, device=device)  # draft i was judged (all before passed)
     passed = torch.zeros(G, dtype=torch.long, device=device)  # draft i was accepted
+    idx_all = torch.arange(G + 1, device=device)
     timer = Timer(device)
     steps = n_draft = 0
     t0 = time.perf_counter()
@@ -281,7 +282,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             sync()
             t_verify = time.perf_counter()
         timer.mark("verify")
-        idx = torch.arange(g + 1, device=device)
+        idx = idx_all[: g + 1]
         d = torch.stack(d, 1) if g else cur.new_zeros(B, 0)
         q = torch.stack(q, 1) if q else None
         seq = torch.cat((cur[:, None], d), 1)
@@ -372,7 +373,8 @@ def merge_stats(parts: list[dict]) -> dict:
         m[k] = [sum(x) for x in zip(*(p[k] for p in parts))]
     m["bytes_read"] = sum(p["bytes_read"] for p in parts) / len(parts)  # per rank, as in each part
     if "gamma_used" in parts[0]:
-        m["gamma_used"] = {g: sum(p["gamma_used"].get(g, 0) for p in parts) for g in AUTO_GAMMAS}
+        used = sorted({g for p in parts for g in p["gamma_used"]})
+        m["gamma_used"] = {g: sum(p["gamma_used"].get(g, 0) for p in parts) for g in used}
     return summarize(m)
 
 

@@ -49,6 +49,7 @@ import torch
 import generate as G
 from model import ModelArgs, Transformer
 from speedup_model import cpu_name
+from speedup_model import kv_bytes_per_token as kv_bytes  # K and V bytes of one token, all layers
 
 PREPARED_LENS = [1024, 2048, 4096, 7168]  # what scripts/prepare_data.py writes by default
 DEFAULTS = {"batch_size": [1, 8, 32], "prompt_len": [2048, 6144], "budget": [256, 512], "gamma": [2, 4, "auto"],
@@ -214,11 +215,6 @@ def available_memory(device: torch.device) -> int:
     except OSError:
         pass
     return 1 << 62  # unknown: do not skip
-
-
-def kv_bytes(args: ModelArgs, elem: int) -> int:
-    """K and V bytes of one token over all layers (= generate.kv_bytes_per_token)."""
-    return 2 * args.n_layers * args.n_kv_heads * args.head_dim * elem
 
 
 def ours_bytes(cfg: ModelArgs, elem: int, B: int, S: int, window: int, dcfg: ModelArgs | None) -> int:
