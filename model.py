@@ -1,14 +1,22 @@
-"""A one-file LLaMA for inference: static KV caches with per-row positions, and a windowed
-(attention sinks + recent ring) cache that lets the same weights act as their own draft."""
+"""A one-file LLaMA for inference: static KV caches with per-row positions, and a small draft
+cache (attention sinks + a ring of recent positions) that lets the same weights act as their own
+draft. Attention takes each row's positions as data: FlexAttention with a block mask when compiled,
+SDPA with a boolean mask when eager."""
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+
+class UsageError(ValueError):
+    """A user's mistake (a bad flag, file or checkpoint): every CLI prints it as one line
+    `error: ...` and exits with status 2."""
 
 
 @dataclass
@@ -34,24 +42,71 @@ class ModelArgs:
     add_bos: bool = False
 
     def __post_init__(self):
+        def need(ok, what):
+            if not ok:
+                raise UsageError(what)
+
+        def is_int(v, lo=1):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+        def is_num(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+        for k in ("dim", "n_layers", "n_heads", "vocab_size", "intermediate_size", "max_seq_len"):
+            need(is_int(getattr(self, k)), f"{k} must be a positive integer, not {getattr(self, k)!r}")
+        for k in ("n_kv_heads", "head_dim"):
+            need(getattr(self, k) is None or is_int(getattr(self, k)),
+                 f"{k} must be a positive integer or null, not {getattr(self, k)!r}")
+        for k in ("norm_eps", "rope_base"):
+            need(is_num(getattr(self, k)), f"{k} must be a positive number, not {getattr(self, k)!r}")
+        for k in ("tie_embeddings", "attn_bias", "add_bos"):
+            need(isinstance(getattr(self, k), bool), f"{k} must be true or false, not {getattr(self, k)!r}")
+        need(self.bos_id is None or is_int(self.bos_id, 0), f"bos_id must be a token id or null, not {self.bos_id!r}")
+        need(isinstance(self.eos_ids, list) and all(is_int(i, 0) for i in self.eos_ids),
+             f"eos_ids must be a list of token ids, not {self.eos_ids!r}")
         self.n_kv_heads = self.n_kv_heads or self.n_heads
         self.head_dim = self.head_dim or self.dim // self.n_heads
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
-        kind = (self.rope_scaling or {}).get("type")
-        if kind not in (None, "linear", "llama3"):
-            raise ValueError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3)")
+        need(self.head_dim % 2 == 0 and self.head_dim > 0, f"head_dim {self.head_dim} must be even (RoPE pairs)")
+        need(self.n_heads % self.n_kv_heads == 0,
+             f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        s = self.rope_scaling
+        need(s is None or isinstance(s, dict), f"rope_scaling must be an object or null, not {s!r}")
+        kind = (s or {}).get("type")
+        need(kind in (None, "linear", "llama3"), f"unsupported rope scaling type {kind!r} (supported: linear, llama3)")
+        want = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                  "original_max_position_embeddings")}.get(kind, ())
+        need(all(is_num(s.get(k)) for k in want), f"rope_scaling {kind} needs positive numbers {', '.join(want)}")
+        need(kind != "llama3" or s["high_freq_factor"] > s["low_freq_factor"],
+             "rope_scaling llama3 needs high_freq_factor > low_freq_factor")
 
     @classmethod
     def load(cls, path) -> "ModelArgs":
-        d = json.loads(Path(path).read_text())
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
-        return cls(**d)
+        """config.json of a converted checkpoint; anything malformed is a UsageError naming the file."""
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise UsageError(f"{path}: cannot read it as JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise UsageError(f"{path}: expected a JSON object of model settings")
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        missing = [f.name for f in fields(cls)
+                   if f.default is MISSING and f.default_factory is MISSING and f.name not in d]
+        if unknown or missing:
+            raise UsageError(f"{path}: " + "; ".join(
+                ([f"unknown keys {sorted(unknown)}"] if unknown else []) + ([f"missing {missing}"] if missing else []))
+                + " (make checkpoints with convert_checkpoint.py)")
+        try:
+            return cls(**d)
+        except UsageError as e:
+            raise UsageError(f"{path}: {e}") from None
 
     def save(self, path):
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    def kv_bytes_per_token(self, elem: int, n_kv_heads: int | None = None) -> int:
+        """K and V bytes one token holds over all layers (n_kv_heads: one rank's share under TP)."""
+        return 2 * self.n_layers * (n_kv_heads or self.n_kv_heads) * self.head_dim * elem
 
 
 def rope_inv_freq(args: ModelArgs) -> Tensor:
@@ -78,8 +133,58 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x.float() * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x)
 
 
+# ------------------------------------------------------------------------------------ attention
+BLOCK = 128  # FlexAttention's block of queries and of KV slots
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, kv_pos: Tensor | None, flex: bool) -> Tensor:
+    """q: [B, H, T, D] at positions q_pos [B, T]; k, v: [B, H_kv, S, D] (query head h reads KV
+    head h // (H / H_kv)), slot s holding position kv_pos[b, s] (-1: empty) or, with kv_pos None
+    (the full cache), position s. A slot is visible iff 0 <= its position <= the query's.
+    flex: FlexAttention with a block mask of each row's KV blocks (compiled: Inductor's kernels,
+    split-KV decoding on CUDA for short queries); else SDPA with a dense boolean mask. -> [B, H, T, D]"""
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if flex:
+        return flex_attention(q, k, v, block_mask=block_mask(q_pos, kv_pos, S), enable_gqa=H != Hkv)
+    if kv_pos is None:
+        vis = torch.arange(S, device=q.device) <= q_pos[..., None]  # [B, T, S]
+    else:
+        vis = (kv_pos[:, None, :] >= 0) & (kv_pos[:, None, :] <= q_pos[..., None])
+    # GQA without copying K/V: the G query heads of a KV group become G*T query rows
+    G = H // Hkv
+    mask = vis[:, None, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
+    y = F.scaled_dot_product_attention(q.reshape(B, Hkv, G * T, D), k, v, attn_mask=mask)
+    return y.view(B, H, T, D)
+
+
+def block_mask(q_pos: Tensor, kv_pos: Tensor | None, S: int) -> BlockMask:
+    """The BlockMask of `attend`: for the full cache each query block reads KV blocks up to its
+    row's largest position (so a row costs its own length, not S); a draft cache is small and
+    read whole, its slots masked through kv_pos. Built from [B]-sized tensor ops, no S-sized mask."""
+    B, T = q_pos.shape
+    nq, nkv = -(-T // BLOCK), -(-S // BLOCK)
+    idx = torch.arange(nkv, device=q_pos.device, dtype=torch.int32).expand(B, 1, nq, nkv)
+    qmax, kmax = T - 1, S - 1  # kernels pad queries and slots to whole blocks: keep their lookups in range
+    if kv_pos is None:
+        last = F.pad(q_pos, (0, nq * BLOCK - T), value=0).view(B, nq, BLOCK).amax(-1)
+        n = (last // BLOCK + 1).clamp(max=nkv)
+
+        def mask_mod(b, h, qi, ki):
+            return ki <= q_pos[b, qi.clamp(max=qmax)]
+    else:
+        n = torch.full((B, nq), nkv, device=q_pos.device)
+
+        def mask_mod(b, h, qi, ki):
+            kp = kv_pos[b, ki.clamp(max=kmax)]
+            return (kp >= 0) & (kp <= q_pos[b, qi.clamp(max=qmax)])
+    return BlockMask.from_kv_blocks(n[:, None].to(torch.int32), idx, BLOCK_SIZE=BLOCK, mask_mod=mask_mod,
+                                    seq_lengths=(T, S))
+
+
+# ---------------------------------------------------------------------------------------- caches
 class KVCache(nn.Module):
-    """Full static cache: slot s holds position s of each row."""
+    """Full static cache [B, H_kv, S, D]: slot s holds position s of each row."""
 
     def __init__(self, batch_size, n_kv_heads, max_seq_len, head_dim, dtype, device=None):
         super().__init__()
@@ -87,21 +192,27 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int | None = None):
-        # input_pos: [B, T]; k, v: [B, T, H_kv, D] -> cache [B, H_kv, S, D], mask [B, T, S]
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, rows=slice(None), kv_len=None):
+        """Write k, v [B', T, H_kv, D] at input_pos [B', T] of `rows` (a slice of the batch);
+        -> (k, v, None): the slots a query may read (the first kv_len: prefill reads no further)."""
+        kc, vc = self.k[rows], self.v[rows]
         b = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.k[b, :, input_pos] = k
-        self.v[b, :, input_pos] = v
-        S = kv_len or self.k.shape[2]  # prefill reads only the slots it can see
-        mask = torch.arange(S, device=k.device) <= input_pos[..., None]
-        return self.k[:, :, :S], self.v[:, :, :S], mask
+        kc[b, :, input_pos] = k
+        vc[b, :, input_pos] = v
+        return kc[:, :, :kv_len], vc[:, :, :kv_len], None
 
 
 class WindowCache(nn.Module):
-    """`sink` fixed slots for positions [0, sink) + a ring of `window` slots for the most recent
-    positions. Keys keep their absolute rotation; `pos` (-1 = empty) masks, so ring order is free."""
+    """The StreamingLLM draft cache: `sink` fixed slots for positions [0, sink) + a ring of
+    `window` slots for the most recent positions. Keys keep their absolute rotation and `pos`
+    (-1 = empty) masks, so ring order is free.
 
-    def __init__(self, batch_size, n_kv_heads, sink, window, head_dim, dtype, device=None):
+    A draft cache is any module with this interface (see Transformer.setup_draft_cache):
+      __init__(batch_size, n_kv_heads, head_dim, dtype, device, **options)
+      update(input_pos, k, v, rows) -> (k, v, kv_pos): store the new K/V, return what a query reads
+      fill(full: KVCache, length, rows): take each row's prompt [0, length) from the full cache"""
+
+    def __init__(self, batch_size, n_kv_heads, head_dim, dtype, device=None, *, sink: int, window: int):
         super().__init__()
         self.sink, self.window = sink, window
         shape = (batch_size, n_kv_heads, sink + window, head_dim)
@@ -113,20 +224,23 @@ class WindowCache(nn.Module):
         ring = self.sink + (input_pos - self.sink) % self.window
         return torch.where(input_pos < self.sink, input_pos, ring)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int | None = None):
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, rows=slice(None)):
+        kc, vc, pc = self.k[rows], self.v[rows], self.pos[rows]
         b = torch.arange(k.shape[0], device=k.device)[:, None]
         s = self.slot(input_pos)
-        self.k[b, :, s] = k
-        self.v[b, :, s] = v
-        self.pos[b, s] = input_pos
-        pos = self.pos[:, None, :]
-        mask = (pos >= 0) & (pos <= input_pos[..., None])
-        return self.k, self.v, mask
+        kc[b, :, s] = k
+        vc[b, :, s] = v
+        pc[b, s] = input_pos
+        return kc, vc, pc
 
-    def fill(self, cache: KVCache, length: Tensor):
-        """Take the sinks and the last `window` positions below each row's `length` [B] from the
-        full cache."""
-        B, H, _, D = self.k.shape
+    def fill(self, full: KVCache, length: Tensor, rows=slice(None)):
+        """The sinks and the last `window` positions below each row's `length` [B'] from `full`;
+        full=None empties the rows (a draft model then prefills them itself)."""
+        kc, vc, pc = self.k[rows], self.v[rows], self.pos[rows]
+        if full is None:
+            pc.fill_(-1)
+            return
+        B, H, _, D = kc.shape
         last = length[:, None] - 1 - self.sink
         j = torch.arange(self.window, device=length.device)
         # newest position p >= sink with ring slot j and p <= length - 1
@@ -135,11 +249,12 @@ class WindowCache(nn.Module):
         sinks = torch.arange(self.sink, device=length.device).expand(B, -1)
         pos = torch.cat((torch.where(sinks < length[:, None], sinks, -1), ring), dim=1)
         idx = pos.clamp(min=0)[:, None, :, None].expand(B, H, -1, D)
-        self.k.copy_(cache.k.gather(2, idx))
-        self.v.copy_(cache.v.gather(2, idx))
-        self.pos.copy_(pos)
+        kc.copy_(full.k[rows].gather(2, idx))
+        vc.copy_(full.v[rows].gather(2, idx))
+        pc.copy_(pos)
 
 
+# ----------------------------------------------------------------------------------------- model
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -160,25 +275,23 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(args.dim, qkv, bias=args.attn_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
-        self.window: WindowCache | None = None
+        self.draft_cache: nn.Module | None = None
 
-    def forward(self, x, cos, sin, input_pos, draft=False, to_window=False, kv_len=None):
+    def forward(self, x, cos, sin, input_pos, draft, to_draft, rows, kv_len, flex):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.wqkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
         q = apply_rope(q.view(B, T, H, D), cos, sin)
         k = apply_rope(k.view(B, T, Hkv, D), cos, sin)
         v = v.view(B, T, Hkv, D)
-        cache = self.window if draft else self.kv_cache
-        k_all, v_all, mask = cache.update(input_pos, k, v, kv_len)
-        if to_window:  # verification hands its (target-quality) K/V to the draft window
-            self.window.update(input_pos, k, v)
-        # GQA without copying K/V: the G query heads of a KV group become G*T query rows
-        G = H // Hkv
-        q = q.view(B, T, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, T * G, D)
-        mask = mask[:, None, :, None, :].expand(-1, -1, -1, G, -1).reshape(B, 1, T * G, -1)
-        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
-        return self.wo(y.view(B, Hkv, T, G, D).permute(0, 2, 1, 3, 4).reshape(B, T, H * D))
+        if draft:
+            k_all, v_all, kv_pos = self.draft_cache.update(input_pos, k, v, rows)
+        else:
+            k_all, v_all, kv_pos = self.kv_cache.update(input_pos, k, v, rows, kv_len)
+        if to_draft:  # verification hands its (target-quality) K/V to the draft cache
+            self.draft_cache.update(input_pos, k, v, rows)
+        y = attend(q.transpose(1, 2), k_all, v_all, input_pos, kv_pos, flex)
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
 
 
 class FeedForward(nn.Module):
@@ -200,8 +313,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, cos, sin, input_pos, draft, to_window, kv_len):
-        x = x + self.attention(self.attention_norm(x), cos, sin, input_pos, draft, to_window, kv_len)
+    def forward(self, x, cos, sin, input_pos, *cache_args):
+        x = x + self.attention(self.attention_norm(x), cos, sin, input_pos, *cache_args)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -215,71 +328,113 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.max_batch_size = self.max_seq_len = -1
+        self.batch_size = self.max_seq_len = -1
+        self.draft_key = None
 
-    def setup_caches(self, batch_size, max_seq_len, dtype=None):
-        """Full caches of `max_seq_len` slots per row. Old contents need no clearing: prefill
-        rewrites what a row reads, and every later slot is written before it is read."""
-        dtype = dtype or self.tok_embeddings.weight.dtype
-        device = self.tok_embeddings.weight.device
-        t = torch.arange(max_seq_len, dtype=torch.float32)
-        freqs = torch.outer(t, rope_inv_freq(self.args))
-        freqs = torch.cat((freqs, freqs), dim=-1).to(device)  # [S, D], half-split layout
+    def setup_caches(self, batch_size, max_seq_len, full=True):
+        """RoPE tables for `max_seq_len` positions and (full=True) full caches of that many slots
+        per row; full=False is for a draft model that only keeps a draft cache. Caches of the same
+        shape are kept (compiled steps and CUDA graphs hold on to them) and need no clearing:
+        prefill rewrites what a row reads, and every later slot is written before it is read."""
+        w = self.tok_embeddings.weight
         c = self.layers[0].attention.kv_cache
-        if c is not None and c.k.shape[0] == batch_size and c.k.shape[2] == max_seq_len and c.k.dtype == dtype:
-            self.cos.copy_(freqs.cos())  # same buffers: compiled steps and CUDA graphs hold on to them
-            self.sin.copy_(freqs.sin())
+        same = (batch_size, max_seq_len) == (self.batch_size, self.max_seq_len)
+        if not (same and (c is not None) == full and (c is None or c.k.dtype == w.dtype)):
+            self.free_caches()
+            for b in self.layers:
+                a = b.attention
+                if full:
+                    a.kv_cache = KVCache(batch_size, a.n_kv_heads, max_seq_len, a.head_dim, w.dtype, w.device)
+            self.batch_size, self.max_seq_len = batch_size, max_seq_len
+            self.register_buffer("cos", torch.zeros(max_seq_len, self.args.head_dim, device=w.device), persistent=False)
+            self.register_buffer("sin", torch.zeros_like(self.cos), persistent=False)
+        freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), rope_inv_freq(self.args))
+        freqs = torch.cat((freqs, freqs), dim=-1).to(w.device)  # [S, D], half-split layout
+        self.cos.copy_(freqs.cos())
+        self.sin.copy_(freqs.sin())
+
+    def setup_draft_cache(self, cls=WindowCache, **options):
+        """One draft cache per layer, cls(batch_size, n_kv_heads, head_dim, dtype, device, **options),
+        beside (or, for a separate draft model, instead of) the full cache. Kept across calls with
+        the same class and options."""
+        w = self.tok_embeddings.weight
+        key = (cls, options, self.batch_size, w.dtype)
+        if self.layers[0].attention.draft_cache is not None and self.draft_key == key:
             return
-        self.max_batch_size, self.max_seq_len = batch_size, max_seq_len
         for b in self.layers:
             a = b.attention
-            a.window = a.kv_cache = None  # free the old caches before allocating new ones
-            a.kv_cache = KVCache(batch_size, a.n_kv_heads, max_seq_len, a.head_dim, dtype, device)
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+            a.draft_cache = None  # free before allocating
+            a.draft_cache = cls(self.batch_size, a.n_kv_heads, a.head_dim, w.dtype, w.device, **options)
+        self.draft_key = key
 
-    def setup_window(self, budget, sink):
-        """A draft window beside the full caches: `sink` sink slots + `budget - sink` recent ones."""
+    def fill_draft_cache(self, length: Tensor, rows=slice(None)):
+        """After a prefill: each draft cache takes rows' prompts [0, length) from the full cache."""
         for b in self.layers:
-            a = b.attention
-            if a.window is None or (a.window.sink, a.window.window) != (sink, budget - sink):
-                k = a.kv_cache.k
-                a.window = None
-                a.window = WindowCache(k.shape[0], a.n_kv_heads, sink, budget - sink, a.head_dim, k.dtype, k.device)
+            b.attention.draft_cache.fill(b.attention.kv_cache, length, rows)
 
-    def fill_window(self, length: Tensor):
+    def free_caches(self):
         for b in self.layers:
-            b.attention.window.fill(b.attention.kv_cache, length)
+            b.attention.kv_cache = b.attention.draft_cache = None
+        self.batch_size = self.max_seq_len = -1
 
-    def forward(self, idx: Tensor, input_pos: Tensor, draft=False, to_window=False, kv_len=None,
-                logits=True) -> Tensor | None:
-        """idx, input_pos: [B, T] tokens at per-row positions -> logits [B, T, V].
-        draft: read/write the window instead of the full cache; to_window: also write the window."""
+    def forward(self, idx: Tensor, input_pos: Tensor, draft=False, to_draft=False, rows=slice(None), kv_len=None,
+                flex=False, logits=True) -> Tensor | None:
+        """idx, input_pos: [B', T] tokens at per-row positions of `rows` (a slice of the cache's batch)
+        -> logits [B', T, V] (under tensor parallelism: this rank's slice of the vocabulary).
+        draft: read/write the draft cache instead of the full cache; to_draft: also write the draft
+        cache; kv_len: the full cache's slots the queries may read (prefill); flex: see attend."""
         cos, sin = self.cos[input_pos][:, :, None], self.sin[input_pos][:, :, None]
         x = self.tok_embeddings(idx)
         for b in self.layers:
-            x = b(x, cos, sin, input_pos, draft, to_window, kv_len)
+            x = b(x, cos, sin, input_pos, draft, to_draft, rows, kv_len, flex)
         return self.output(self.norm(x)) if logits else None
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", dtype=None) -> "Transformer":
+        """A converted checkpoint; a missing, malformed or mismatched one is a UsageError."""
         from safetensors.torch import load_file
 
         path = Path(path)
-        for f in ("config.json", "model.safetensors"):
-            if not (path / f).is_file():
-                raise FileNotFoundError(f"checkpoint {path} has no {f} (make one with convert_checkpoint.py)")
+        if not (path / "config.json").is_file():
+            raise UsageError(f"checkpoint {path} has no config.json (make one with convert_checkpoint.py)")
         args = ModelArgs.load(path / "config.json")
+        check_weights(path, args)
         with torch.device("meta"):
             model = cls(args)
         state = load_file(path / "model.safetensors", device=str(device))
         if dtype is not None:
             state = {k: v.to(dtype) for k, v in state.items()}
-        missing, unexpected = model.load_state_dict(state, assign=True, strict=False)
+        model.load_state_dict(state, assign=True, strict=False)
         if args.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight
-            missing = [k for k in missing if k != "output.weight"]
-        if missing or unexpected:
-            raise ValueError(f"{path}/model.safetensors does not fit its config.json: "
-                             f"missing {missing[:3]}, unexpected {unexpected[:3]}")
         return model.eval().requires_grad_(False)
+
+
+def check_weights(path, args: ModelArgs):
+    """model.safetensors' names, shapes and dtypes against config.json, from its header alone (so
+    tensor-parallel ranks, which read slices, can check it before any process group exists)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not (path / "model.safetensors").is_file():
+        raise UsageError(f"checkpoint {path} has no model.safetensors (make one with convert_checkpoint.py)")
+    try:
+        with safe_open(path / "model.safetensors", framework="pt") as f:
+            slices = {k: f.get_slice(k) for k in f.keys()}
+            shapes = {k: list(s.get_shape()) for k, s in slices.items()}
+            dtypes = {s.get_dtype() for s in slices.values()}
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f"{path}/model.safetensors: cannot read it ({e})") from None
+    with torch.device("meta"):
+        want = {k: list(v.shape) for k, v in Transformer(args).state_dict().items()}
+    if args.tie_embeddings:
+        want.pop("output.weight")
+    bad = [f"{k} {shapes[k]} (config.json implies {w})" for k, w in want.items() if k in shapes and shapes[k] != w]
+    missing = [k for k in want if k not in shapes]
+    unexpected = [k for k in shapes if k not in want and k != "output.weight"]
+    if bad or missing or unexpected:
+        raise UsageError(f"{path}/model.safetensors does not fit its config.json: "
+                         + "; ".join([f"shapes {bad[:2]}"] * bool(bad) + [f"missing {missing[:3]}"] * bool(missing)
+                                     + [f"unexpected {unexpected[:3]}"] * bool(unexpected)))
+    if not dtypes <= {"F32", "F16", "BF16"}:
+        raise UsageError(f"{path}/model.safetensors holds non-float tensors ({', '.join(sorted(dtypes))})")

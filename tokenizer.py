@@ -15,6 +15,8 @@ import regex
 import sentencepiece as spm
 import tiktoken
 
+from model import UsageError
+
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
                   r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
@@ -298,21 +300,6 @@ def _hf_normalizers(n) -> list[str]:
     return forms
 
 
-def _hf_bos_from_post_processor(pp, added: list[dict]):
-    """(bos_id, add_bos) from a TemplateProcessing that puts a special token before the text."""
-    procs = (pp or {}).get("processors", [pp] if pp else [])
-    for p in procs:
-        if p.get("type") == "TemplateProcessing" and p.get("single"):
-            first = p["single"][0]
-            if "SpecialToken" in first:
-                name = first["SpecialToken"]["id"]
-                ids = p.get("special_tokens", {}).get(name, {}).get("ids")
-                ids = ids or [a["id"] for a in added if a["content"] == name]
-                if ids:
-                    return ids[0], True
-    return None, False
-
-
 def _bpe_from_hf_json(tj: dict, **kw) -> BPETokenizer:
     model = tj.get("model", {})
     if model.get("type") != "BPE":
@@ -322,26 +309,6 @@ def _bpe_from_hf_json(tj: dict, **kw) -> BPETokenizer:
     return _bpe_from_vocab_merges(model["vocab"], model["merges"], tj.get("added_tokens") or [],
                                   _hf_split_stages(tj.get("pre_tokenizer")),
                                   normalizers=_hf_normalizers(tj.get("normalizer")), **kw)
-
-
-def _hf_meta(d: Path, tj: dict) -> dict:
-    """bos/eos/add_bos for a HF tokenizer.json from tokenizer_config.json, generation_config.json
-    and the post-processor template. Missing everything -> no BOS, no EOS."""
-    added = tj.get("added_tokens") or []
-    ids = {**tj.get("model", {}).get("vocab", {}), **{a["content"]: a["id"] for a in added}}
-    tc = json.loads((d / "tokenizer_config.json").read_text()) if (d / "tokenizer_config.json").exists() else {}
-    gc = json.loads((d / "generation_config.json").read_text()) if (d / "generation_config.json").exists() else {}
-    name = lambda t: t.get("content") if isinstance(t, dict) else t  # noqa: E731
-    bos, add_bos = _hf_bos_from_post_processor(tj.get("post_processor"), added)
-    if ids.get(name(tc.get("bos_token"))) is not None:
-        bos = ids[name(tc["bos_token"])]
-    elif bos is None and isinstance(gc.get("bos_token_id"), int):
-        bos = gc["bos_token_id"]
-    add_bos = bool(tc.get("add_bos_token", add_bos)) and bos is not None
-    eos = [ids[name(tc["eos_token"])]] if ids.get(name(tc.get("eos_token"))) is not None else []
-    g = gc.get("eos_token_id")
-    eos += g if isinstance(g, list) else [g] if isinstance(g, int) else []
-    return {"bos_id": bos, "eos_ids": eos, "add_bos": add_bos}
 
 
 LLAMA3_SPECIAL_TOKENS = [
@@ -366,12 +333,12 @@ def _tiktoken_from_ranks_file(path: Path, **kw) -> BPETokenizer:
                 tok, rank = line.split()
                 ranks[base64.b64decode(tok, validate=True)] = int(rank)
             except ValueError as e:
-                raise ValueError(f"{path}:{n}: not a tiktoken ranks line: {line[:80]!r}") from e
+                raise ValueError(f"line {n} is not a tiktoken ranks line: {line[:80]!r}") from e
     n_ranks = len(ranks)
     if sorted(ranks.values()) != list(range(n_ranks)):
-        raise ValueError(f"{path}: ranks are not 0..{n_ranks - 1}")
+        raise ValueError(f"ranks are not 0..{n_ranks - 1}")
     if any(bytes([b]) not in ranks for b in range(256)):
-        raise ValueError(f"{path}: tiktoken ranks must include all 256 single bytes")
+        raise ValueError("tiktoken ranks must include all 256 single bytes")
     id_to_bytes = [b""] * n_ranks
     for t, r in ranks.items():
         id_to_bytes[r] = t
@@ -384,31 +351,111 @@ def _tiktoken_from_ranks_file(path: Path, **kw) -> BPETokenizer:
                         name=path.name, **kw)
 
 
+def read_json(path) -> dict:
+    """A JSON object from a file; anything else is a UsageError naming the file."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: cannot read it as JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise UsageError(f"{path}: expected a JSON object, not {type(d).__name__}")
+    return d
+
+
+def _token_ids(x, where) -> list[int]:
+    ids = x if isinstance(x, list) else [] if x is None else [x]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise UsageError(f"{where} must be a token id or a list of them, not {x!r}")
+    return ids
+
+
+def hf_special_tokens(d) -> dict:
+    """bos_id / eos_ids / add_bos as a Hugging Face model directory states them, resolved as
+    transformers does; what no file states is left out (the tokenizer file's own default applies).
+    - add_bos and bos_id: with a tokenizer.json, its post-processor alone decides (transformers then
+      ignores tokenizer_config.json's add_bos_token): BOS is the special token its template puts
+      before the text, if any. Without one: tokenizer_config.json's add_bos_token.
+    - bos_id otherwise: tokenizer_config.json's bos_token, else generation_config.json's, else
+      config.json's bos_token_id.
+    - eos_ids: generation_config.json's eos_token_id (what generate() stops on: a list in Llama 3
+      instruct models, whose config.json may name only one), else config.json's, else
+      tokenizer_config.json's eos_token."""
+    d = Path(d)
+    files = {f: read_json(d / f) if (d / f).is_file() else {}
+             for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json")}
+    tj, tc = files["tokenizer.json"], files["tokenizer_config.json"]
+    vocab = {**((tj.get("model") or {}).get("vocab") or {}),
+             **{a.get("content"): a.get("id") for a in tj.get("added_tokens") or []}}
+
+    def named(key):  # tokenizer_config.json's token text (or {"content": text}) -> its id
+        t = tc.get(key)
+        return vocab.get(t.get("content") if isinstance(t, dict) else t)
+
+    def stated(key):  # the first of generation_config.json, config.json that has the key
+        f = next((f for f in ("generation_config.json", "config.json") if files[f].get(key) is not None), None)
+        return _token_ids(files[f][key], f"{d / f}: {key}") if f else []
+
+    out = {}
+    if (d / "tokenizer.json").is_file():
+        out["add_bos"] = False
+        pp = tj.get("post_processor") or {}
+        for p in pp.get("processors", [pp]):
+            first = p.get("type") == "TemplateProcessing" and (p.get("single") or [{}])[0].get("SpecialToken")
+            if first:
+                ids = (p.get("special_tokens") or {}).get(first["id"], {}).get("ids") or [vocab.get(first["id"])]
+                out["bos_id"] = _token_ids(ids[0], f"{d / 'tokenizer.json'}: the post_processor's first token")[0]
+                out["add_bos"] = True
+                break
+    elif "add_bos_token" in tc:
+        out["add_bos"] = bool(tc["add_bos_token"])
+    if "bos_id" not in out:
+        bos = [named("bos_token")] if named("bos_token") is not None else stated("bos_token_id")
+        if bos:
+            out["bos_id"] = bos[0]
+        elif out.get("add_bos"):
+            out["add_bos"] = False  # nothing to add (transformers drops the flag too)
+    eos = stated("eos_token_id") or ([named("eos_token")] if named("eos_token") is not None else [])
+    if eos:
+        out["eos_ids"] = eos
+    return out
+
+
 def load_tokenizer(checkpoint_dir) -> Tokenizer:
     """tokenizer.model (sentencepiece, or tiktoken ranks) or tokenizer.json (byte-level BPE), in that
-    order. bos_id / eos_ids / add_bos come from config.json when it has those keys, else from the
-    tokenizer files. ValueError if there is no usable tokenizer."""
+    order. bos_id / eos_ids / add_bos: a converted checkpoint's config.json has them (the converter
+    wrote what this function resolved on its source); any other directory gets hf_special_tokens(),
+    then the tokenizer file's own. A missing, corrupt or unsupported tokenizer, or one with more ids
+    than config.json's vocab_size, is a UsageError naming the file."""
     d = Path(checkpoint_dir)
-    cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
-    kw = {k: cfg[k] for k in ("bos_id", "eos_ids", "add_bos") if k in cfg and (k == "bos_id" or cfg[k] is not None)}
-    if "bos_id" in kw and kw["bos_id"] is None:
-        kw.setdefault("add_bos", False)
-    if (d / "tokenizer.model").is_file():
-        path = d / "tokenizer.model"
-        if _looks_like_tiktoken_ranks(path):
-            return _tiktoken_from_ranks_file(path, **kw)
-        sp = spm.SentencePieceProcessor()
-        try:
-            sp.load(str(path))
-        except Exception as e:  # sentencepiece raises RuntimeError / OSError on junk
-            raise ValueError(f"{path} is neither a sentencepiece model nor a tiktoken ranks file ({e})") from e
-        return SentencePieceTokenizer(sp, **kw)
-    if (d / "tokenizer.json").is_file():
-        tj = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
-        meta = _hf_meta(d, tj)
-        meta.update(kw)
-        return _bpe_from_hf_json(tj, name="tokenizer.json", **meta)
-    raise ValueError(f"no tokenizer found: looked for tokenizer.model or tokenizer.json in {d}")
+    cfg = read_json(d / "config.json") if (d / "config.json").is_file() else {}
+    keys = ("bos_id", "eos_ids", "add_bos")
+    path = next((d / f for f in ("tokenizer.model", "tokenizer.json") if (d / f).is_file()), None)
+    if path is None:
+        raise UsageError(f"no tokenizer in {d}: looked for tokenizer.model or tokenizer.json")
+    try:
+        kw = {k: cfg[k] for k in keys} if all(k in cfg for k in keys) else hf_special_tokens(d)
+        if path.name == "tokenizer.json":
+            tok = _bpe_from_hf_json(read_json(path), name=path.name, **kw)
+        elif _looks_like_tiktoken_ranks(path):
+            tok = _tiktoken_from_ranks_file(path, **kw)
+        else:
+            sp = spm.SentencePieceProcessor()
+            try:
+                sp.load(str(path))
+            except Exception as e:  # sentencepiece raises RuntimeError / OSError on junk
+                raise ValueError(f"neither a sentencepiece model nor a tiktoken ranks file ({e})") from None
+            tok = SentencePieceTokenizer(sp, **kw)
+    except UsageError:
+        raise
+    # a corrupt file fails anywhere in the builders
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, regex.error) as e:
+        why = f"no {e}" if isinstance(e, KeyError) else str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"{path}: not a usable tokenizer ({why})") from None
+    n = cfg.get("vocab_size")
+    if isinstance(n, int) and tok.vocab_size > n:
+        raise UsageError(f"{path} has another vocabulary than the model: {tok.vocab_size} ids, "
+                         f"{d / 'config.json'} has {n}")
+    return tok
 
 
 # ---------------------------------------------------------------- GGUF
@@ -478,9 +525,3 @@ def write_gguf_tokenizer(gguf_reader_or_path, out_dir) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
     return meta
-
-
-def load_gguf_tokenizer(gguf_reader_or_path) -> Tokenizer:
-    """Build the tokenizer straight from a GGUF file (no files written)."""
-    tj, meta = _gguf_tokenizer_json(gguf_reader_or_path)
-    return _bpe_from_hf_json(tj, name="gguf", **meta)

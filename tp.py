@@ -16,7 +16,7 @@ import torch.distributed._functional_collectives as fc
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, UsageError
 
 
 @dataclass
@@ -46,13 +46,13 @@ def world_from_env(tp: int) -> World:
     size = int(os.environ.get("WORLD_SIZE", 1))
     w = World(int(os.environ.get("RANK", 0)), size, int(os.environ.get("LOCAL_RANK", 0)), tp)
     if tp < 1 or size % tp:
-        raise ValueError(f"--tp {tp} does not divide the world size {size} (torchrun's WORLD_SIZE)")
+        raise UsageError(f"--tp {tp} does not divide the world size {size} (torchrun's WORLD_SIZE)")
     return w
 
 
 def check_split(args: ModelArgs, tp: int):
     if tp > args.n_kv_heads:
-        raise ValueError(f"--tp {tp} is more ranks than the model's {args.n_kv_heads} KV heads: each rank "
+        raise UsageError(f"--tp {tp} is more ranks than the model's {args.n_kv_heads} KV heads: each rank "
                          f"must own at least one whole GQA group (use --tp <= {args.n_kv_heads})")
 
 
@@ -105,20 +105,78 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class VocabParallelOutput(nn.Module):
-    """Logits of this rank's vocabulary slice, gathered into the full [..., V] on every rank, so
-    every rank samples the same token from the same numbers."""
+    """Logits of this rank's vocabulary slice [..., Vp] (padding columns past the vocabulary: -inf).
+    They are never gathered: sampling reduces over the slices with `Vocab`."""
 
-    def __init__(self, weight, vocab_size, group):
+    def __init__(self, weight, vocab: "Vocab"):
         super().__init__()
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
-        self.vocab_size, self.group = vocab_size, group
+        self.pad = vocab.start + vocab.local - vocab.n  # > 0 on the last rank only
 
     def forward(self, x):
         y = F.linear(x, self.weight)
-        return _all_gather(y.contiguous(), y.dim() - 1, self.group)[..., : self.vocab_size]
+        return y if self.pad <= 0 else y.index_fill(-1, torch.arange(y.shape[-1] - self.pad, y.shape[-1],
+                                                                     device=y.device), -float("inf"))
 
 
 _all_gather = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor  # renamed after 2.11
+
+
+class Vocab:
+    """The vocabulary dim of logits, which tensor parallelism splits between the ranks of a group:
+    this rank holds `local` columns, ids [start, start + local) of `n`. The reductions sampling
+    needs are collectives of [B, T] (or [B, T, k] for top-k/top-p) tensors, never of the
+    vocabulary. One process: start 0, all n columns, no communication."""
+
+    def __init__(self, n, start=0, local=None, group=None):
+        self.n, self.start, self.local, self.group = n, start, local or n, group
+
+    def _stack(self, x):  # [...] from every rank -> [tp, ...]
+        return _all_gather(x[None].contiguous(), 0, self.group)
+
+    def max(self, x):
+        m = x.amax(-1)
+        return m if self.group is None else fc.all_reduce(m, "max", self.group)
+
+    def sum(self, x):
+        s = x.sum(-1)
+        return s if self.group is None else fc.all_reduce(s, "sum", self.group)
+
+    def argmax(self, x):
+        """Global ids of the largest entries; ties go to the lowest id, as torch.argmax does."""
+        i = x.argmax(-1)
+        if self.group is None:
+            return i
+        m, ids = self._stack(x.gather(-1, i[..., None])[..., 0]), self._stack(i + self.start)
+        return ids.gather(0, m.argmax(0, keepdim=True))[0]
+
+    def pick(self, x, ids):
+        """x [..., V] at global ids [...] -> [...] (the rank that holds an id gives its value)."""
+        local = ids - self.start
+        ok = (local >= 0) & (local < self.local)
+        v = torch.where(ok, x.gather(-1, local.clamp(0, self.local - 1)[..., None])[..., 0], 0)
+        return v if self.group is None else fc.all_reduce(v, "sum", self.group)
+
+    def topk(self, x, k):
+        """The k largest values over the whole vocabulary, descending [..., k]."""
+        v = x.topk(min(k, self.local), -1).values
+        if self.group is None:
+            return v
+        v = self._stack(v)  # [tp, ..., k']
+        return v.movedim(0, -2).flatten(-2).topk(k, -1).values
+
+    def gather(self, x):
+        """The whole vocabulary [..., n] (top_p's rare full sort)."""
+        if self.group is None:
+            return x
+        return self._stack(x).movedim(0, -2).flatten(-2)[..., : self.n]
+
+    def rand(self, x):
+        """Uniform [0, 1) numbers like x: the whole vocabulary's are drawn (the same on every rank
+        of a group) and this rank's slice kept, so a seed gives the same token on any TP degree."""
+        u = torch.rand(*x.shape[:-1], self.n, device=x.device)[..., self.start: self.start + self.local]
+        return u if u.shape[-1] == self.local else torch.cat((u, torch.full_like(u[..., :1], 0.5).expand(
+            *u.shape[:-1], self.local - u.shape[-1])), -1)
 
 
 def linear(weight, bias=None) -> nn.Linear:
@@ -159,7 +217,8 @@ def load(path, w: World, device, dtype=None) -> Transformer:
         else:
             out = get("output.weight", (v0, min(v0 + Vp, V)))
             out = torch.cat((out, out.new_zeros(Vp - out.shape[0], out.shape[1])))
-        model.output = VocabParallelOutput(out, V, w.group)
+        model.vocab = Vocab(V, v0, Vp, w.group)
+        model.output = VocabParallelOutput(out, model.vocab)
         model.norm.weight = nn.Parameter(get("norm.weight"), requires_grad=False)
         # wqkv rows: q heads, then k heads, then v heads; this rank's q heads serve its KV heads
         qkv = [(k0 * G * D, k1 * G * D), (H * D + k0 * D, H * D + k1 * D),

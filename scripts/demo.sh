@@ -3,8 +3,8 @@
 # (SmolLM2-135M) and generate with self-speculative decoding on the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
 bash scripts/install.sh
+PY=$(bash scripts/install.sh --python)   # the Python it installed into ($PYTHON, or .venv)
 "$PY" scripts/prepare_default_model.py
 "$PY" generate.py --device cpu --batch_size 4 --max_new_tokens 64 --gamma 4 --draft_budget 64 --sink 16 \
   --prompt "The old lighthouse keeper climbed the stairs one last time, and" \

@@ -72,14 +72,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runnable from any cwd
 
+from convert_checkpoint import default_checkpoint, default_mode  # noqa: E402
+from generate import ArgParser, cli  # noqa: E402
+from model import UsageError  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
+
 DEFAULT_LENS = [1024, 2048, 4096, 7168]
 DEFAULT_OUT = ROOT / "data" / "prompts_{len}.jsonl"
 DEFAULT_CACHE = ROOT / "data" / "cache"
 PG19_SKIP = 8000  # MagicDec drops the first 8000 tokens of each PG-19 book
-
-
-class PrepError(Exception):
-    """A user-facing error: printed as one line `error: ...`, exit status 2."""
 
 
 class Doc:
@@ -132,19 +133,19 @@ def read_input(path, skip=None, max_docs=None):
     """Yield the documents of one input path (see the module docstring for the formats)."""
     path = Path(path)
     if not path.exists():
-        raise PrepError(f"input {path} does not exist")
+        raise UsageError(f"input {path} does not exist")
     n = 0
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
-            raise PrepError(f"input directory {path} holds no *.txt files")
+            raise UsageError(f"input directory {path} holds no *.txt files")
         for f in files:
             if max_docs is not None and n >= max_docs:
                 return
             try:
                 text = f.read_text(encoding="utf-8", errors="replace")
             except OSError as e:
-                raise PrepError(f"cannot read {f}: {e.strerror or e}") from None
+                raise UsageError(f"cannot read {f}: {e.strerror or e}") from None
             n += 1
             yield Doc(str(f.relative_to(path)), strip_gutenberg(text), 0 if skip is None else skip)
         return
@@ -167,7 +168,7 @@ def read_input(path, skip=None, max_docs=None):
                             raise TypeError
                     except (ValueError, KeyError, TypeError):
                         msg = f'{path}:{lineno}: expected a JSON object with a string "text" field'
-                        raise PrepError(msg) from None
+                        raise UsageError(msg) from None
                     title = obj.get("short_book_title") or obj.get("title")
                     if isinstance(title, str) and title.strip():
                         source = f"{title.strip()} ({source})"
@@ -176,7 +177,7 @@ def read_input(path, skip=None, max_docs=None):
                 n += 1
                 yield Doc(source, strip_gutenberg(text), skip)
     except (OSError, EOFError, zlib.error) as e:
-        raise PrepError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+        raise UsageError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 # ------------------------------------------------------------------------------ default corpus
@@ -222,11 +223,11 @@ def fetch_deb(name: str, version: str, cache: Path, fetch: bool = True) -> Path:
     if hit or not fetch:
         if hit:
             return hit
-        raise PrepError(f"the default corpus is not in {cache} ({name} {version} missing) and fetching "
-                        f"is off: run without --no_fetch once, or pass --input")
+        raise UsageError(f"the default corpus is not in {cache} ({name} {version} missing) and fetching "
+                         f"is off: run without --no_fetch once, or pass --input")
     if shutil.which("apt-get") is None:
-        raise PrepError(f"the default corpus comes from the Debian package {name}; apt-get is not available "
-                        f"here: put {name}_{version}_*.deb into {cache}, or pass --input")
+        raise UsageError(f"the default corpus comes from the Debian package {name}; apt-get is not available "
+                         f"here: put {name}_{version}_*.deb into {cache}, or pass --input")
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".apt-", dir=cache))
     try:
@@ -245,8 +246,8 @@ def fetch_deb(name: str, version: str, cache: Path, fetch: bool = True) -> Path:
         debs = sorted(tmp.glob("*.deb"))
         if r.returncode != 0 or not debs:
             msg = (r.stderr.strip().splitlines() or ["no .deb written"])[-1]
-            raise PrepError(f"apt-get download {name} failed ({msg}); run apt-get update as root, "
-                            f"or pass --input")
+            raise UsageError(f"apt-get download {name} failed ({msg}); run apt-get update as root, "
+                             f"or pass --input")
         dest = cache / debs[0].name
         os.replace(debs[0], dest)
         return dest
@@ -259,7 +260,7 @@ def deb_files(deb: Path, wanted: dict[str, str]) -> dict[str, bytes]:
     Parses the ar container and the (xz/gz/bz2/plain) tar with the standard library."""
     blob = deb.read_bytes()
     if not blob.startswith(b"!<arch>\n"):
-        raise PrepError(f"{deb} is not a Debian package")
+        raise UsageError(f"{deb} is not a Debian package")
     pos, data = 8, None
     while pos + 60 <= len(blob):
         hdr = blob[pos:pos + 60]
@@ -270,7 +271,7 @@ def deb_files(deb: Path, wanted: dict[str, str]) -> dict[str, bytes]:
             break
         pos += 60 + size + (size & 1)
     if data is None:
-        raise PrepError(f"{deb} has no data.tar member")
+        raise UsageError(f"{deb} has no data.tar member")
     member, payload = data
     if member.endswith(".xz"):
         payload = lzma.decompress(payload)
@@ -283,7 +284,7 @@ def deb_files(deb: Path, wanted: dict[str, str]) -> dict[str, bytes]:
             payload = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True,
                                      check=True).stdout
         except (OSError, subprocess.CalledProcessError):
-            raise PrepError(f"{deb}: cannot unpack {member} (dpkg-deb is needed for it)") from None
+            raise UsageError(f"{deb}: cannot unpack {member} (dpkg-deb is needed for it)") from None
     out = {}
     with tarfile.open(fileobj=io.BytesIO(payload)) as tf:
         for ti in tf:
@@ -292,7 +293,7 @@ def deb_files(deb: Path, wanted: dict[str, str]) -> dict[str, bytes]:
                     out[key] = tf.extractfile(ti).read()
     missing = sorted(set(wanted) - set(out))
     if missing:
-        raise PrepError(f"{deb} lacks {', '.join(wanted[k] for k in missing)}")
+        raise UsageError(f"{deb} lacks {', '.join(wanted[k] for k in missing)}")
     return out
 
 
@@ -417,10 +418,10 @@ def default_corpus(cache_dir=DEFAULT_CACHE, fetch: bool = True) -> list[Doc]:
         try:
             objs = read_r_lazyload(files["rdx"], files["rdb"])
         except (ValueError, KeyError, TypeError, struct.error, zlib.error, lzma.LZMAError, OSError) as e:
-            raise PrepError(f"{deb.name}: cannot read its R data ({e})") from None
+            raise UsageError(f"{deb.name}: cannot read its R data ({e})") from None
         for obj, source, title, sha in books:
             if obj not in objs:
-                raise PrepError(f"{deb.name} has no R data set {obj!r}")
+                raise UsageError(f"{deb.name} has no R data set {obj!r}")
             text = _book_text(obj, objs[obj])
             if hashlib.sha256(text.encode("utf-8")).hexdigest() != sha:
                 print(f"warning: {title} from {deb.name} differs from the text this script was written for",
@@ -495,28 +496,17 @@ def _write_jsonl(path: Path, recs: list[dict]):
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             for r in recs:
                 fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, default_mode())  # mkstemp makes it owner-only
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
-
-
 # ------------------------------------------------------------------------------ CLI
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise PrepError(message)
-
-
 def parse_args(argv=None):
-    ap = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    ap = ArgParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                  epilog="Formats, defaults and the default corpus: see the docstring of scripts/prepare_data.py.")
     ap.add_argument("--input", nargs="+", metavar="PATH",
                     help="directory of *.txt, PG-19 .jsonl (field text), or PG-19 text file with one book "
@@ -537,42 +527,35 @@ def parse_args(argv=None):
                                                             "is not cached")
     a = ap.parse_args(argv)
     if any(n < 1 for n in a.prompt_len):
-        raise PrepError("--prompt_len must be >= 1")
+        raise UsageError("--prompt_len must be >= 1")
     a.prompt_len = list(dict.fromkeys(a.prompt_len))
     if a.num < 1:
-        raise PrepError("--num must be >= 1")
+        raise UsageError("--num must be >= 1")
     if a.skip_tokens is not None and a.skip_tokens < 0:
-        raise PrepError("--skip_tokens must be >= 0")
+        raise UsageError("--skip_tokens must be >= 0")
     if a.max_docs is not None and a.max_docs < 1:
-        raise PrepError("--max_docs must be >= 1")
+        raise UsageError("--max_docs must be >= 1")
     if a.out is not None and len(a.prompt_len) > 1 and "{len}" not in a.out:
-        raise PrepError("--out must contain {len} when several --prompt_len are given")
+        raise UsageError("--out must contain {len} when several --prompt_len are given")
     return a
 
 
 def load_tok(checkpoint):
-    from tokenizer import load_tokenizer
-
     if checkpoint is None:
-        from convert_checkpoint import ConvertError, default_checkpoint
-
         try:
             checkpoint = default_checkpoint()
-        except (ConvertError, OSError) as e:
-            raise PrepError(f"default checkpoint: {e}") from None
+        except OSError as e:
+            raise UsageError(f"default checkpoint: {e}") from None
     if not Path(checkpoint).is_dir():
-        raise PrepError(f"--checkpoint {checkpoint} is not a directory")
-    try:
-        return load_tokenizer(checkpoint)
-    except (ValueError, OSError) as e:
-        raise PrepError(f"--checkpoint {checkpoint}: {e}") from None
+        raise UsageError(f"--checkpoint {checkpoint} is not a directory")
+    return load_tokenizer(checkpoint)
 
 
 def run(a) -> list[tuple[Path, int, int]]:
     if a.input:
         for p in a.input:  # fail before any slow work
             if not Path(p).exists():
-                raise PrepError(f"input {p} does not exist")
+                raise UsageError(f"input {p} does not exist")
     tok = load_tok(a.checkpoint)
     if a.input:
         docs = [d for p in a.input for d in read_input(p, a.skip_tokens, a.max_docs)]
@@ -584,38 +567,30 @@ def run(a) -> list[tuple[Path, int, int]]:
         if a.max_docs is not None:
             docs = docs[:a.max_docs]
     if not docs:
-        raise PrepError("the input holds no documents")
+        raise UsageError("the input holds no documents")
     recs, possible = make_prompts(docs, tok, a.prompt_len, a.num)
     short = [n for n in a.prompt_len if possible[n] < a.num]
     if short:
         what = ", ".join(f"{possible[n]} prompts of {n} tokens" for n in short)
-        raise PrepError(f"corpus too small: only {what} possible ({a.num} requested with --num; "
-                        f"{len(docs)} documents); lower --num, --prompt_len or --skip_tokens, or add --input")
+        raise UsageError(f"corpus too small: only {what} possible ({a.num} requested with --num; "
+                         f"{len(docs)} documents); lower --num, --prompt_len or --skip_tokens, or add --input")
     written = []
     for n in a.prompt_len:
         path = Path(a.out.replace("{len}", str(n))) if a.out else Path(str(DEFAULT_OUT).replace("{len}", str(n)))
         try:
             _write_jsonl(path, recs[n])
         except OSError as e:
-            raise PrepError(f"cannot write {path}: {e.strerror or e}") from None
+            raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
         written.append((path, n, len({r["source"] for r in recs[n]})))
     return written
 
 
 def main(argv=None) -> int:
-    try:
-        a = parse_args(argv)
-        written = run(a)
-    except PrepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 2
-    for path, n, nsrc in written:
+    a = parse_args(argv)
+    for path, n, nsrc in run(a):
         print(f"wrote {path}: {a.num} prompts of {n} tokens from {nsrc} documents")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main)

@@ -5,11 +5,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from any cwd
 
-from convert_checkpoint import ConvertError, default_checkpoint  # noqa: E402
+from convert_checkpoint import default_checkpoint  # noqa: E402
+from generate import cli  # noqa: E402
 
 if __name__ == "__main__":
-    try:
-        print(default_checkpoint())
-    except ConvertError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(lambda: print(default_checkpoint()))

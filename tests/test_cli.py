@@ -6,11 +6,11 @@ import sys
 import pytest
 import torch
 
-import generate as G
+import generate as gen
 from model import Transformer
 from tokenizer import load_tokenizer
 
-ROOT = G.Path(G.__file__).parent
+ROOT = gen.Path(gen.__file__).parent
 
 
 def cli(*argv, timeout=300):
@@ -23,7 +23,7 @@ def test_json_contract_and_prompt_sources(default_ckpt, tmp_path):
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "Bread is made from"}) + "\n\n"
                                       + json.dumps({"text": "The first law of motion"}) + "\n")
     out = tmp_path / "out.json"
-    rows, stats = G.main(["--checkpoint", str(default_ckpt), "--prompt", "Tea or coffee?", "--prompt_file",
+    rows, stats = gen.main(["--checkpoint", str(default_ckpt), "--prompt", "Tea or coffee?", "--prompt_file",
                           str(tmp_path / "a.txt"), "--prompt_file", str(tmp_path / "b.jsonl"), "--batch_size", "6",
                           "--max_new_tokens", "9", "--gamma", "3", "--draft_budget", "24", "--sink", "4",
                           "--json", str(out)])
@@ -54,7 +54,7 @@ def test_json_contract_and_prompt_sources(default_ckpt, tmp_path):
 
 
 def test_prompt_len_cuts_prompts(default_ckpt):
-    rows, _ = G.main(["--checkpoint", str(default_ckpt), "--prompt", "one two three four five six seven",
+    rows, _ = gen.main(["--checkpoint", str(default_ckpt), "--prompt", "one two three four five six seven",
                       "--prompt_len", "4", "--max_new_tokens", "3", "--draft", "none"])
     assert rows[0]["prompt_tokens"] == 4
 
@@ -62,27 +62,66 @@ def test_prompt_len_cuts_prompts(default_ckpt):
 def test_greedy_cli_speculation_equals_plain(default_ckpt):
     argv = ["--checkpoint", str(default_ckpt), "--prompt", "A short history of the bicycle:", "--prompt",
             "Water boils at", "--max_new_tokens", "30"]
-    plain, _ = G.main(argv + ["--draft", "none"])
-    spec, stats = G.main(argv + ["--draft_budget", "20", "--sink", "4", "--gamma", "5"])
+    plain, _ = gen.main(argv + ["--draft", "none"])
+    spec, stats = gen.main(argv + ["--draft_budget", "20", "--sink", "4", "--gamma", "5"])
     assert [r["tokens"] for r in spec] == [r["tokens"] for r in plain]
     assert stats["verify_steps"] < 30
 
 
 def test_compile_captures_each_step_once(tiny_ckpt):
-    """--compile: one graph for the draft step and one for the verify step, none recompiled while
-    generating or on a second run (CPU inductor here; CUDA graphs on GPU use the same graphs)."""
-    from torch._dynamo.utils import counters
-
+    """--compile: one graph for the draft step and one for the verify step, compiled by the warm-up
+    and none while generating or on a second run (CPU inductor here; CUDA graphs on GPU)."""
     torch._dynamo.reset()
-    counters.clear()
+    n0 = gen.unique_graphs()
     model = Transformer.from_checkpoint(tiny_ckpt)
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
-    ref = G.generate(model, prompts, 12, gamma=3, budget=8, sink=2)[0]
-    out = G.generate(model, prompts, 12, gamma=3, budget=8, sink=2, compile=True)[0]
-    assert counters["stats"]["unique_graphs"] == 2
-    out2 = G.generate(model, prompts[::-1], 20, gamma=3, budget=8, sink=2, compile=True)[0]
-    assert counters["stats"]["unique_graphs"] == 2  # no recompiles: other rows and lengths, same shapes
+    ref, _, st = gen.generate(model, prompts, 12, gamma=3, budget=8, sink=2)
+    assert (st["compiled_graphs"], st["compile_seconds"], st["attention"]) == (0, 0.0, "sdpa")
+    out, _, st = gen.generate(model, prompts, 12, gamma=3, budget=8, sink=2, compile=True)
+    assert st["compiled_graphs"] == gen.unique_graphs() - n0 == 2 and st["attention"] == "flex"
+    out2, _, st = gen.generate(model, prompts[::-1], 20, gamma=3, budget=8, sink=2, compile=True)
+    assert st["compiled_graphs"] == 0 and gen.unique_graphs() - n0 == 2  # other rows and lengths, same shapes
     assert out == ref and out2[1][:12] == ref[0]
+
+
+def test_compiled_is_keyed_by_device_type():
+    """A CPU compile first must not leave a later CUDA run without CUDA graphs (and back)."""
+    def step(x):
+        return x + 1
+
+    cpu = gen.compiled(step, torch.device("cpu"), 1)
+    cuda = gen.compiled(step, torch.device("cuda", 0), 1)
+    assert cpu is gen.compiled(step, torch.device("cpu"), 1) and cuda is not cpu
+    assert {k[1:] for k in gen._compiled if k[0] is step} == {("cpu", None), ("cuda", "reduce-overhead")}
+
+
+@pytest.mark.parametrize("gamma", ["4", "auto"])
+def test_compiled_cli_compiles_only_before_the_clock(tiny_ckpt, gamma):
+    """generate.py --compile warms up on the timed run's own shapes (same cache, same S): every
+    graph the run uses, each gamma --gamma auto may pick included, is compiled before timing
+    starts, so Dynamo compiles nothing during the run; the tokens are the eager run's."""
+    prompt = " ".join(["seven"] * 13)  # 14 tokens with the BOS-free tokenizer: + 128 new != warm-up's shapes
+    argv = ["--checkpoint", str(tiny_ckpt), "--prompt", prompt, "--prompt", "a short one", "--max_new_tokens", "128",
+            "--gamma", gamma, "--draft_budget", "16", "--sink", "4"]
+    eager, st = gen.main(argv)
+    assert st["compiled_graphs"] == 0
+    torch._dynamo.reset()
+    n0 = gen.unique_graphs()
+    rows, st = gen.main(argv + ["--compile"])
+    assert st["compiled_graphs"] == gen.unique_graphs() - n0  # all of them before the clock
+    assert st["compiled_graphs"] == (len(gen.AUTO_GAMMAS) + 1 if gamma == "auto" else 2)
+    assert st["compile_seconds"] > 0 and st["attention"] == "flex"
+    assert [r["tokens"] for r in rows] == [r["tokens"] for r in eager]
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_loading(default_ckpt):
+    r = cli("--checkpoint", default_ckpt, "--prompt", "Hello", "--batch_size", "50000", "--max_new_tokens", "8000")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: batch 50000 needs "), r.stderr
+    assert "free: the largest batch that fits is " in lines[0] and "kv cache" in lines[0]
+    fit = int(lines[0].rsplit(" ", 1)[1])
+    assert 0 < fit < 50000
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -90,6 +129,11 @@ def test_compile_captures_each_step_once(tiny_ckpt):
     (["--prompt", "word " * 9000], "exceeds the model's context of 8192"),
     (["--prompt", "Hello there", "--prompt_len", "50"], "--prompt_len 50: a prompt has only"),
     (["--gamma", "0"], "--gamma must be >= 1"),
+    (["--gamma", "fast"], "invalid gamma 'fast'"),
+    (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+    (["--resume"], "--resume needs --output"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--top_p", "0"], "--device cuda: no CUDA device"
+     if not torch.cuda.is_available() else "0 < --top_p <= 1"),
     (["--draft_budget", "8", "--sink", "16"], "--draft_budget 8"),
     (["--prompt_file", "/nonexistent.jsonl"], "no such file"),
 ])
@@ -109,6 +153,11 @@ def test_draft_with_another_vocabulary_is_refused(default_ckpt, tiny_ckpt, tmp_p
     cfg = json.loads((other / "config.json").read_text())
     cfg["vocab_size"] = 32000
     (other / "config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(other / "model.safetensors")  # a well-formed checkpoint, only its vocabulary differs
+    w = {k: t[:32000].contiguous() if t.shape[0] == 49152 else t for k, t in w.items()}
+    save_file(w, other / "model.safetensors")
     r = cli("--draft_checkpoint", other, "--max_new_tokens", "4")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("error: ") and "another vocabulary" in r.stderr

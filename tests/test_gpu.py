@@ -1,56 +1,133 @@
-"""CUDA checks (skipped, and reported as skipped, without a GPU): exactness on the GPU, bf16,
-and compiled steps with CUDA graphs. scripts/gpu_check.sh runs them on a lent GPU."""
+"""CUDA checks (skipped, and reported as skipped, without a GPU): greedy speculation against plain
+decoding, fp32 and bf16, eager and compiled with CUDA graphs (no recompiles once warm). On a GPU the
+[B, 1] and [B, g+1] forwards may run other kernels (cuBLAS picks them by row count), so a near-tie
+can flip an argmax: a divergence is allowed only where the reference's top two logits were within
+a small tolerance. That rule itself is tested on the CPU, and so is scripts/gpu_check.sh's answer
+on a machine without CUDA."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
+import generate as gen
 from generate import generate
-from model import Transformer
+from model import ModelArgs, Transformer
 from tokenizer import load_tokenizer
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TIE = {torch.float32: 1e-3, torch.bfloat16: 5e-2}  # relative top-two gap that counts as a near-tie
 TEXTS = ["The history of the printing press begins in the fifteenth century, when",
          "Photosynthesis is the process by which green plants", "Once upon a time",
          "Dear Sir, I write to you concerning the matter of the"]
 
 
+@torch.no_grad()
+def logits_after(model: Transformer, tokens: list[int]) -> torch.Tensor:
+    """The model's next-token logits after `tokens`: one plain forward over all of them (fp32)."""
+    dev = model.tok_embeddings.weight.device
+    model.setup_caches(1, gen.cache_len(len(tokens), 0))
+    pos = torch.arange(len(tokens), device=dev)[None]
+    return model(torch.tensor([tokens], device=dev), pos, kv_len=len(tokens))[0, -1].float()
+
+
+def near_tie_divergences(model, prompts, ref, new, rel_tol) -> list[tuple[int, int, float]]:
+    """Where greedy speculation (`new`) left plain decoding (`ref`), row by row: at the first token
+    that differs, the reference model's logits after the prompt and the reference tokens before it
+    must hold the speculative token among their top two, within rel_tol * max(|top|, 1) of the top.
+    -> [(row, position, relative gap)] of the divergences; AssertionError for any other."""
+    found = []
+    for i, (p, r, n) in enumerate(zip(prompts, ref, new)):
+        assert len(n) == len(r), f"row {i}: {len(n)} tokens where plain decoding made {len(r)}"
+        j = next((j for j, (a, b) in enumerate(zip(r, n)) if a != b), None)
+        if j is None:
+            continue
+        top = logits_after(model, p + r[:j]).topk(2)
+        v = top.values.tolist()
+        gap = (v[0] - v[1]) / max(abs(v[0]), 1.0)
+        assert n[j] in top.indices.tolist() and gap <= rel_tol, (
+            f"row {i} leaves plain decoding at token {j} ({r[j]} -> {n[j]}), not at a near-tie: top two "
+            f"{top.indices.tolist()} are {gap:.2e} apart (relative), tolerance {rel_tol:g}")
+        found.append((i, j, gap))
+    return found
+
+
+def test_near_tie_rule_on_cpu():
+    """A row perturbed at a token where the reference had a clear winner is caught; the same row
+    passes once the tolerance covers that position's gap; identical rows pass."""
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, intermediate_size=128, max_seq_len=128)
+    torch.manual_seed(0)
+    model = Transformer(args)
+    with torch.no_grad():
+        for w in model.parameters():
+            w.normal_(0, 0.3)
+    model.eval()
+    prompts = [[5, 17, 42, 8, 3], [60, 2, 71]]
+    ref = generate(model, prompts, 12)[0]
+    assert near_tie_divergences(model, prompts, ref, [list(r) for r in ref], 0.0) == []
+    top = logits_after(model, prompts[1] + ref[1][:6]).topk(2)
+    assert top.indices[0] == ref[1][6]  # the reference chose the top token there
+    gap = float(top.values[0] - top.values[1]) / max(abs(float(top.values[0])), 1.0)
+    assert gap > 1e-3  # a random model: a clear winner
+    new = [list(ref[0]), ref[1][:6] + [int(top.indices[1])] + ref[1][7:]]  # the runner-up instead
+    with pytest.raises(AssertionError, match="row 1 leaves plain decoding at token 6"):
+        near_tie_divergences(model, prompts, ref, new, 1e-3)
+    assert near_tie_divergences(model, prompts, ref, new, 2 * gap) == [(1, 6, pytest.approx(gap))]
+    third = int(logits_after(model, prompts[1] + ref[1][:6]).topk(3).indices[2])
+    with pytest.raises(AssertionError):  # not even among the top two: never a near-tie
+        near_tie_divergences(model, prompts, ref, [list(ref[0]), ref[1][:6] + [third] + ref[1][7:]], 1.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA says")
+def test_gpu_check_without_cuda_says_so_in_one_line(tmp_path):
+    p = subprocess.run(["bash", "scripts/gpu_check.sh", "1"], cwd=Path(__file__).resolve().parents[1], text=True,
+                       capture_output=True, env={**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)})
+    assert p.returncode == 1 and (p.stdout + p.stderr).splitlines() == [
+        "gpu_check: no CUDA device here (torch.cuda.is_available() is False); nothing to check"]
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
 @pytest.fixture(scope="module")
-def gpu_model(default_ckpt):
+def gpu_prompts(default_ckpt):
     tok = load_tokenizer(default_ckpt)
     return default_ckpt, [tok.encode(t) for t in TEXTS]
 
 
-def test_fp32_self_speculation_exact_on_gpu(gpu_model):
-    ckpt, prompts = gpu_model
+@cuda
+def test_fp32_self_speculation_matches_plain_decoding_up_to_near_ties(gpu_prompts):
+    ckpt, prompts = gpu_prompts
     model = Transformer.from_checkpoint(ckpt, "cuda", torch.float32)
     ref = generate(model, prompts, 64)[0]
     for gamma, budget in [(1, 32), (4, 32), (6, 256)]:
-        assert generate(model, prompts, 64, gamma=gamma, budget=budget, sink=16)[0] == ref
+        new = generate(model, prompts, 64, gamma=gamma, budget=budget, sink=16)[0]
+        near_tie_divergences(model, prompts, ref, new, TIE[torch.float32])
 
 
-def test_compiled_cuda_graphs_match_eager_without_recompiles(gpu_model):
+@cuda
+def test_compiled_cuda_graphs_without_recompiles(gpu_prompts):
     from torch._dynamo.utils import counters
 
-    ckpt, prompts = gpu_model
+    ckpt, prompts = gpu_prompts
     model = Transformer.from_checkpoint(ckpt, "cuda", torch.float32)
     ref = generate(model, prompts, 48)[0]
     torch._dynamo.reset()
-    counters.clear()
     kw = dict(gamma=3, budget=32, sink=16, compile=True)
-    assert generate(model, prompts, 48, **kw)[0] == ref
-    graphs = counters["stats"]["unique_graphs"]
-    assert graphs == 2  # the draft step and the verify step
-    assert generate(model, prompts[::-1], 48, **kw)[0] == ref[::-1]
-    assert counters["stats"]["unique_graphs"] == graphs
+    first, _, stats = generate(model, prompts, 48, **kw)
+    assert stats["compiled_graphs"] >= 2 and stats["compile_seconds"] > 0 and stats["attention"] == "flex"
+    before = counters["stats"]["unique_graphs"]
+    second, _, stats = generate(model, prompts[::-1], 48, **kw)  # the same shapes: nothing to compile
+    assert counters["stats"]["unique_graphs"] == before and stats["compiled_graphs"] == 0
+    near_tie_divergences(model, prompts, ref, first, TIE[torch.float32])  # (after: it resizes the caches)
+    near_tie_divergences(model, prompts[::-1], ref[::-1], second, TIE[torch.float32])
 
 
-def test_bf16_speculation_agrees_with_bf16_decoding(gpu_model):
-    """In bf16 a [B, g+1] verify and a [B, 1] decode may round differently, so exact equality is
-    not owed; but a broken loop would disagree almost everywhere."""
-    ckpt, prompts = gpu_model
+@cuda
+def test_bf16_compiled_speculation_matches_bf16_decoding_up_to_near_ties(gpu_prompts):
+    ckpt, prompts = gpu_prompts
     model = Transformer.from_checkpoint(ckpt, "cuda", torch.bfloat16)
     ref = generate(model, prompts, 64)[0]
     new, _, stats = generate(model, prompts, 64, gamma=4, budget=32, sink=16, compile=True)
-    first_diff = [next((i for i, (a, b) in enumerate(zip(r, n)) if a != b), len(r)) for r, n in zip(ref, new)]
-    assert sum(first_diff) >= 0.5 * 64 * len(prompts), first_diff
+    near_tie_divergences(model, prompts, ref, new, TIE[torch.bfloat16])
     assert stats["acceptance_rate"] > 0.3

@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import prepare_data as P  # noqa: E402
+from generate import cli  # noqa: E402
+from model import UsageError  # noqa: E402
 
 # Short public-domain quotations: the opening sentences of Jane Austen's novels, as printed in the
 # Project Gutenberg texts (line breaks included).
@@ -52,12 +54,12 @@ def tok_dir(tmp_path_factory):
     ckpt = ROOT / "checkpoints" / "smollm2-135m"
     if (ckpt / "tokenizer.json").is_file():
         return ckpt
-    from convert_checkpoint import ConvertError, default_gguf
+    from convert_checkpoint import default_gguf
     from tokenizer import write_gguf_tokenizer
 
     try:
         gguf = default_gguf()
-    except ConvertError as e:
+    except UsageError as e:
         pytest.skip(f"no SmolLM2 tokenizer: {e}")
     d = tmp_path_factory.mktemp("tok")
     write_gguf_tokenizer(gguf, d)
@@ -104,9 +106,10 @@ def check_records(tok, recs, n, docs_by_source, skip=0):
 
 
 def run_main(argv, capsys):
-    rc = P.main([str(a) for a in argv])
+    with pytest.raises(SystemExit) as e:
+        cli(lambda: P.main([str(a) for a in argv]))
     out, err = capsys.readouterr()
-    return rc, out, err
+    return e.value.code, out, err
 
 
 def test_folder_of_text_files(tmp_path, tok, tok_dir, capsys):
@@ -298,7 +301,7 @@ def test_default_corpus_reader_on_a_built_deb(tmp_path, monkeypatch, capsys):
     docs = P.default_corpus(tmp_path, fetch=False)
     assert [(d.source, d.text, d.skip) for d in docs] == [("p: P", want, 0)]
     assert "warning" not in capsys.readouterr().err
-    with pytest.raises(P.PrepError, match="not in .* fetching is off"):
+    with pytest.raises(UsageError, match="not in .* fetching is off"):
         P.default_corpus(tmp_path / "empty", fetch=False)
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import generate as G
+import generate as gen
 from model import ModelArgs, Transformer
 
 
@@ -27,26 +27,26 @@ def chi2_ok(samples: torch.Tensor, probs: torch.Tensor) -> bool:
 
 
 # --- broken rules: each must be caught by the same checks that pass the real one ---------------
-def accept_all(p, q, d):
+def accept_all(p, q, d, vocab=None):
     B, g = d.shape
-    return torch.full((B,), g), G.sample(p[:, g])
+    return torch.full((B,), g), gen.sample(p[:, g])
 
 
-right = G.speculative_accept
+right = gen.speculative_accept
 
 
-def resample_from_p(p, q, d):  # the right acceptance test, but the rejection resamples p, not p - q
+def resample_from_p(p, q, d, vocab=None):  # the right acceptance test, but the rejection resamples p, not p - q
     a, _ = right(p, q, d)
-    return a, G.sample(p[torch.arange(len(a)), a])
+    return a, gen.sample(p[torch.arange(len(a)), a])
 
 
-def no_min_one(p, q, d):  # accept with prob p/q and also reject when p > q
+def no_min_one(p, q, d, vocab=None):  # accept with prob p/q and also reject when p > q
     B, g = d.shape
     pd, qd = p[:, :g].gather(-1, d[..., None])[..., 0], q.gather(-1, d[..., None])[..., 0]
     ok = torch.rand_like(pd) < (pd / qd) * (pd <= qd)
     a = ok.int().cumprod(-1).sum(-1)
     r = (p[torch.arange(B), a] - torch.cat((q, torch.zeros_like(q[:, :1])), 1)[torch.arange(B), a]).clamp(min=0)
-    return a, G.sample(torch.where(r.sum(-1, keepdim=True) > 0, r, p[torch.arange(B), a]))
+    return a, gen.sample(torch.where(r.sum(-1, keepdim=True) > 0, r, p[torch.arange(B), a]))
 
 
 BROKEN = [accept_all, resample_from_p, no_min_one]
@@ -81,7 +81,7 @@ def test_acceptance_rule_returns_the_target_distribution():
 def test_acceptance_rule_with_identical_draft_accepts_all():
     p = torch.softmax(torch.randn(1, 4, 10), -1)
     d = torch.multinomial(p[0, :3], 1).T
-    a, _ = G.speculative_accept(p, p[:, :3], d)
+    a, _ = gen.speculative_accept(p, p[:, :3], d)
     assert a.item() == 3
 
 
@@ -95,13 +95,13 @@ def exact(model, prompt, sampling, second: bool):
     if second:
         x = torch.cat((x, torch.arange(V)[:, None]), 1)
     model.setup_caches(rows, x.shape[1])
-    probs = G.logits_to_probs(model(x, torch.arange(x.shape[1]).expand(rows, -1)), *sampling)
+    probs = gen.logits_to_probs(model(x, torch.arange(x.shape[1]).expand(rows, -1)), *sampling, full_sort=True)[0]
     return probs[0, len(prompt) - 1][:, None] * probs[:, -1] if second else probs[0, -1]
 
 
 def matches(model, prompt, sampling, n, second, **kw):
     """Do n sampled continuations (2 tokens; speculative with kw) follow the exact distribution?"""
-    out, _, _ = G.generate(model, [prompt] * n, 2, temperature=sampling[0], top_k=sampling[1],
+    out, _, _ = gen.generate(model, [prompt] * n, 2, temperature=sampling[0], top_k=sampling[1],
                            top_p=sampling[2], **kw)
     toks = torch.tensor(out)
     p = exact(model, prompt, sampling, second)
@@ -134,8 +134,41 @@ def test_speculative_sampling_matches_target_small_model(small, sampling, monkey
         assert matches(model, prompt, sampling, 20_000, True, **sep_kw)
         if sampling[1] == 0:
             for rule in BROKEN:
-                monkeypatch.setattr(G, "speculative_accept", rule)
+                monkeypatch.setattr(gen, "speculative_accept", rule)
                 assert not matches(model, prompt, sampling, 20_000, True, **sep_kw), rule.__name__
+
+
+def test_top_p_fallback_keeps_the_distribution(small, monkeypatch):
+    """With 2 candidates the nucleus (top_p 0.8 of 12 ids) outgrows them at most steps: the verify
+    is redone with a full sort and the draft keeps its truncated nucleus as the proposal."""
+    model, draft, prompt = small
+    monkeypatch.setattr(gen, "TOP_P_CANDIDATES", 2)
+    sampling = (1.0, 0, 0.8)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        assert matches(model, prompt, sampling, 20_000, True)
+        assert matches(model, prompt, sampling, 20_000, True, gamma=2, budget=6, sink=2)
+        assert matches(model, prompt, sampling, 20_000, True, gamma=3, draft_model=draft, budget=0)
+
+
+def test_top_p_candidates_equal_the_full_sort():
+    """The nucleus from the 1024 largest logits equals the full sort's whenever `covered`."""
+    import tp
+
+    torch.manual_seed(0)
+    V = 5000
+    one = tp.Vocab(V)
+    for scale, top_p, covered in [(4.0, 0.99, True), (2.0, 0.8, True), (1.0, 0.5, True), (2.0, 0.95, False)]:
+        logits = torch.randn(6, 3, V) * scale
+        logits[..., :10] = logits[..., 10:20]  # ties
+        got, cov = gen.nucleus(logits, one, top_p)
+        ref, _ = gen.nucleus(logits, one, top_p, full_sort=True)
+        assert bool(cov) == covered, (scale, top_p)
+        if covered:
+            assert torch.equal(got, ref)
+        kept = ref.isfinite().sum(-1)
+        mass = torch.where(ref.isfinite(), logits.softmax(-1), 0).sum(-1)
+        assert (mass >= top_p - 1e-6).all() and (kept >= 1).all()
 
 
 def test_speculative_sampling_matches_target_real_model(default_ckpt, truncated, monkeypatch):
@@ -151,5 +184,5 @@ def test_speculative_sampling_matches_target_real_model(default_ckpt, truncated,
     with torch.no_grad():  # few rows: each is a real forward of the 135M model on the CPU
         assert matches(model, long, sampling, 300, False, gamma=2, budget=1 + 3, sink=1)
         assert matches(model, short, sampling, 300, False, gamma=1, draft_model=draft, budget=0)
-        monkeypatch.setattr(G, "speculative_accept", accept_all)
+        monkeypatch.setattr(gen, "speculative_accept", accept_all)
         assert not matches(model, short, sampling, 300, False, gamma=1, draft_model=draft, budget=0)

@@ -124,12 +124,14 @@ def test_bos_handling(smol, smol_dir, tmp_path):
     (d / "config.json").write_text(json.dumps({"dim": 576, "bos_id": 1, "eos_ids": [2, 0], "add_bos": True}))
     tok = load_tokenizer(d)
     assert tok.eos_ids == [2, 0] and tok.encode("Hi")[0] == 1 and tok.encode("Hi", bos=False)[0] != 1
-    # Without config.json keys, tokenizer_config.json supplies them.
+    # Without those keys, the Hugging Face files decide, as transformers reads them: tokenizer.json
+    # has no BOS template, so add_bos_token is ignored.
     (d / "config.json").unlink()
-    (d / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"}, "add_bos_token": True}))
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "add_bos_token": True,
+                                                         "eos_token": {"__type": "AddedToken", "content": "<|im_end|>"}}))
     tok = load_tokenizer(d)
-    assert (tok.bos_id, tok.eos_ids, tok.add_bos) == (1, [2], True)
+    assert (tok.bos_id, tok.eos_ids, tok.add_bos) == (1, [2], False)
+    assert tok.encode("Hi") == transformers.AutoTokenizer.from_pretrained(d)("Hi").input_ids
 
 
 def test_decode_partial_utf8_and_unknown_ids(smol):

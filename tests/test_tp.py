@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-import generate as G
+import generate as gen
 from model import Transformer
 
-ROOT = G.Path(G.__file__).parent
+ROOT = gen.Path(gen.__file__).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -37,34 +37,51 @@ def test_tp2_logits_match_one_process(default_ckpt, tmp_path):
     idx = torch.randint(0, 49152, (3, 19))
     pos = torch.arange(19).expand(3, -1)
     torch.save({"idx": idx, "pos": pos}, tmp_path / "logits.in.pt")
-    r = torchrun(default_ckpt, 2, tmp_path / "logits.pt", script="tests/tp_worker.py")
+    r = torchrun("logits", default_ckpt, 2, tmp_path / "logits.pt", script="tests/tp_worker.py")
     assert r.returncode == 0, r.stderr[-3000:]
     model = Transformer.from_checkpoint(default_ckpt, dtype=torch.float32)
     model.setup_caches(3, 19)
     with torch.no_grad():
         ref = model(idx, pos)
-    got = torch.load(tmp_path / "logits.pt")
+    got = torch.load(tmp_path / "logits.pt")  # rank 0's vocabulary slice: the first half, padded
+    V = ref.shape[-1]
+    assert got.shape[-1] == -(-V // 2)
     for b, n in enumerate(lens):  # each row's own prefix: positions past it are padding
-        torch.testing.assert_close(got[b, :n], ref[b, :n], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[b, :n], ref[b, :n, : got.shape[-1]], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("mode", [["--draft", "none"], ["--gamma", "3", "--draft_budget", "12", "--sink", "4"],
                                   ["--gamma", "auto", "--draft_budget", "16", "--sink", "4"],
                                   ["--temperature", "0.8", "--top_k", "50", "--seed", "7", "--gamma", "2",
+                                   "--draft_budget", "12", "--sink", "4"],
+                                  ["--temperature", "0.9", "--top_p", "0.9", "--seed", "3", "--gamma", "3",
                                    "--draft_budget", "12", "--sink", "4"]])
 def test_tp2_generates_what_one_process_does(default_ckpt, tmp_path, mode):
     """Greedy plain and self-speculative decoding, and seeded sampling, with a ragged batch."""
     argv = ["--checkpoint", default_ckpt, *RAGGED, *mode]
-    ref, _ = G.main(list(map(str, argv)))
+    ref, _ = gen.main(list(map(str, argv)))
     r = torchrun(*argv, "--tp", 2, "--json", tmp_path / "tp.json")
     assert r.returncode == 0, r.stderr[-3000:]
     assert rows_of(tmp_path / "tp.json") == [x["tokens"] for x in ref]
 
 
+def test_tp2_greedy_gathers_no_vocabulary(default_ckpt, tmp_path):
+    """Greedy TP reduces each rank's local max/argmax: the largest all-gather is a few [tp, B, T]
+    tensors, never a slice of the vocabulary (49152 ids); sampling with top_k gathers [tp, B, T, k]."""
+    argv = ["--checkpoint", default_ckpt, *RAGGED, "--gamma", "3", "--draft_budget", "12", "--sink", "4"]
+    ref, _ = gen.main(list(map(str, argv)))
+    out = tmp_path / "gathers.json"
+    r = torchrun("gathers", out, *argv, "--tp", 2, script="tests/tp_worker.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["rows"] == [x["tokens"] for x in ref]
+    assert got["sizes"] and max(got["sizes"]) <= 2 * 3 * 4  # [tp=2, B=3, gamma+1=4]
+
+
 def test_dp2_x_tp2_keeps_rows_in_order(tiny_ckpt, tmp_path):
     argv = ["--checkpoint", tiny_ckpt, "--prompt", "one", "--prompt", "two three four", "--prompt", "five six",
             "--batch_size", "5", "--max_new_tokens", "10", "--gamma", "2", "--draft_budget", "6", "--sink", "2"]
-    ref, _ = G.main(list(map(str, argv)))
+    ref, _ = gen.main(list(map(str, argv)))
     r = torchrun(*argv, "--tp", 2, "--json", tmp_path / "w4.json", nproc=4)
     assert r.returncode == 0, r.stderr[-3000:]
     assert rows_of(tmp_path / "w4.json") == [x["tokens"] for x in ref]
@@ -86,7 +103,7 @@ def test_two_nodes(default_ckpt, tmp_path):
                                       env=ENV))
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
-    ref, _ = G.main(list(map(str, argv[:-2])))
+    ref, _ = gen.main(list(map(str, argv[:-2])))
     assert rows_of(tmp_path / "node0.json") == [x["tokens"] for x in ref]
     assert not (tmp_path / "node1.json").exists()  # only global rank 0 writes
 

@@ -1,0 +1,188 @@
+"""Refill (continuous batching): finished rows take the next prompt while the others go on; results
+stream to JSONL, a killed run resumes, data-parallel groups share one output file."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import generate as gen
+from model import Transformer
+from test_generate import TEXTS as BASE_TEXTS
+from tokenizer import load_tokenizer
+
+ROOT = gen.Path(gen.__file__).parent
+TEXTS = BASE_TEXTS + ["A recipe for bread: take flour, water and salt,"]
+LIMITS = [23, 9, 31, 14, 40, 6]  # different output lengths, none a multiple of gamma + 1
+
+
+@pytest.fixture(scope="module")
+def real(default_ckpt):
+    model = Transformer.from_checkpoint(default_ckpt, dtype=torch.float32)
+    tok = load_tokenizer(default_ckpt)
+    prompts = [tok.encode(t) for t in TEXTS]
+    alone = gen.generate(model, [prompts[2]], LIMITS[2])[0][0]
+    eos = alone[len(alone) // 2]  # a token the third prompt emits halfway: it ends on EOS
+    return model, prompts, eos
+
+
+def run_refill(model, prompts, B, **kw):
+    dec = gen.Decoder(model, B, max(len(p) + n for p, n in zip(prompts, LIMITS)), max(LIMITS), **kw)
+    reqs = [gen.Request(p, n, i) for i, (p, n) in enumerate(zip(prompts, LIMITS))]
+    return {r.id: r for r in dec.run(reqs)}, dec
+
+
+@pytest.mark.parametrize("kw", [dict(gamma=0), dict(gamma=4, budget=64, sink=16), dict(gamma="auto", budget=64),
+                                dict(gamma=3, draft=0), dict(gamma=2, draft=24, sink=4)],
+                         ids=["plain", "self-spec", "auto", "draft-model", "draft-model-window"])
+def test_refill_equals_each_prompt_alone(real, truncated, kw):
+    """Greedy, more prompts than rows, EOS and limits ending rows mid-batch: every prompt's tokens
+    under refill equal that prompt decoded alone (a separate draft model: on its full cache, or
+    prefilled straight into its window)."""
+    model, prompts, eos = real
+    if "draft" in kw:
+        kw = {k: v for k, v in kw.items() if k != "draft"} | {"draft_model": truncated(model, 8), "budget": kw["draft"]}
+    out, dec = run_refill(model, prompts, 2, eos_ids=[eos], **kw)
+    assert sorted(out) == list(range(len(prompts)))
+    reasons = set()
+    for i, p in enumerate(prompts):
+        new, why, _ = gen.generate(model, [p], LIMITS[i], eos_ids=[eos], **kw)
+        assert (out[i].tokens, out[i].finish_reason) == (new[0], why[0]), i
+        assert out[i].prompt_tokens == len(p) and out[i].steps >= 1
+        reasons.add(why[0])
+    assert reasons == {"eos", "length"}
+    s = dec.stats()
+    assert s["prompts"] == len(prompts) and s["generated_tokens"] == sum(len(r.tokens) for r in out.values())
+    if kw["gamma"]:
+        assert sum(r.accepted for r in out.values()) == sum(s["drafts_accepted"])
+
+
+def test_sampled_refill_is_reproducible(real):
+    model, prompts, _ = real
+    kw = dict(gamma=3, budget=32, sink=4, temperature=0.9, top_p=0.95)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        out, _ = run_refill(model, prompts, 3, **kw)
+        runs.append({i: r.tokens for i, r in out.items()})
+    assert runs[0] == runs[1]
+    assert [len(runs[0][i]) for i in range(len(prompts))] == LIMITS
+
+
+def write_prompts(path, n=7):
+    words = "river stone bread lamp window garden letter mountain harbour candle".split()
+    with open(path, "w") as f:
+        for i in range(n):
+            rec = {"text": " ".join(words[(i + j) % len(words)] for j in range(3 + i)), "id": f"doc-{i}"}
+            if i % 2:
+                rec["max_new_tokens"] = 5 + 3 * i
+            f.write(json.dumps(rec) + "\n")
+
+
+def cli(*argv, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, argv)], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_output_kill_and_resume(tiny_ckpt, tmp_path):
+    """A run killed part-way then resumed holds every prompt exactly once, equal to an
+    uninterrupted run's (greedy), with per-line max_new_tokens and ids."""
+    prompts = tmp_path / "p.jsonl"
+    write_prompts(prompts, 40)
+    base = ["--checkpoint", tiny_ckpt, "--prompt_file", prompts, "--batch_size", 3, "--max_new_tokens", 40,
+            "--gamma", 3, "--draft_budget", 12, "--sink", 2]
+    full = tmp_path / "full.jsonl"
+    r = cli(*base, "--output", full)
+    assert r.returncode == 0, r.stderr
+    ref = {x["id"]: x for x in read_jsonl(full)}
+    assert len(ref) == 40 and set(ref) == {f"doc-{i}" for i in range(40)}
+    for x in ref.values():
+        assert set(x) == {"id", "prompt_tokens", "tokens", "text", "finish_reason", "accepted", "steps"}
+    assert [len(ref[f"doc-{i}"]["tokens"]) for i in (1, 2, 3)] == [8, 40, 14]  # per-line limits
+    part = tmp_path / "part.jsonl"
+    p = subprocess.Popen([sys.executable, str(ROOT / "generate.py"), *map(str, base), "--output", str(part)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    while p.poll() is None and (not part.exists() or part.read_text().count("\n") < 5):
+        time.sleep(0.05)  # no time limit: a slow machine only waits longer
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    n_before = part.read_text().count("\n")
+    assert 5 <= n_before < 40, n_before
+    with open(part, "a") as f:
+        f.write('{"id": "doc-39", "prompt_tok')  # as if killed mid-write
+    r = cli(*base, "--output", part)
+    assert r.returncode == 2 and "--resume" in r.stderr  # never appends to a file by accident
+    r = cli(*base, "--output", part, "--resume")
+    assert r.returncode == 0, r.stderr
+    got = read_jsonl(part)
+    assert sorted(x["id"] for x in got) == sorted(ref)  # every prompt exactly once
+    assert all(x == ref[x["id"]] for x in got)
+
+
+@pytest.mark.parametrize("line,message", [
+    ("not json", "p.jsonl:2: not JSON"),
+    ('{"txt": "hello"}', 'p.jsonl:2: expected a JSON object with a string "text" field'),
+    ('{"text": "hello", "max_new_tokens": 0}', "p.jsonl:2: max_new_tokens must be an integer >= 1"),
+    ('{"text": "hello", "max_new_tokens": "5"}', "p.jsonl:2: max_new_tokens must be an integer >= 1"),
+    ('{"text": "' + "word " * 600 + '"}', "p.jsonl:2: a prompt of"),
+    ('{"text": "hello", "id": "a"}', "p.jsonl:2: id 'a' repeats p.jsonl:1"),
+])
+def test_bad_lines_are_reported_before_any_work(tiny_ckpt, tmp_path, line, message):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"text": "fine", "id": "a"}\n' + line + "\n")
+    out = tmp_path / "out.jsonl"
+    r = cli("--checkpoint", tiny_ckpt, "--prompt_file", f, "--output", out)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0].replace(str(tmp_path) + "/", "")
+    assert not out.exists() or not out.read_text()
+
+
+def test_unwritable_output_fails_before_the_model_loads(tiny_ckpt, tmp_path):
+    f = tmp_path / "p.jsonl"
+    write_prompts(f, 2)
+    r = cli("--checkpoint", tiny_ckpt, "--prompt_file", f, "--output", tmp_path / "no" / "such" / "dir.jsonl")
+    assert r.returncode == 2 and r.stderr.startswith("error: --output") and "cannot write" in r.stderr
+
+
+def test_dp2_shares_one_output_file(tiny_ckpt, tmp_path):
+    from test_tp import ENV
+
+    f = tmp_path / "p.jsonl"
+    write_prompts(f, 9)
+    argv = ["--checkpoint", tiny_ckpt, "--prompt_file", f, "--batch_size", 4, "--max_new_tokens", 12, "--gamma", 2,
+            "--draft_budget", 8, "--sink", 2]
+    one = tmp_path / "one.jsonl"
+    assert cli(*argv, "--output", one).returncode == 0
+    two = tmp_path / "two.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "generate.py"), *map(str, argv), "--output", str(two)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = {x["id"]: x for x in read_jsonl(one)}
+    got = read_jsonl(two)
+    assert sorted(x["id"] for x in got) == sorted(ref) and all(x == ref[x["id"]] for x in got)
+
+
+def test_compiled_refills_do_not_recompile(tiny_ckpt):
+    """Every graph is compiled by the warm-up; refilling rows (new prompts, other lengths) reuses them."""
+    model = Transformer.from_checkpoint(tiny_ckpt)
+    torch.manual_seed(0)
+    prompts = [torch.randint(3, 400, (n,)).tolist() for n in (5, 17, 9, 30, 3, 12, 21)]
+    limits = [7, 15, 4, 11, 19, 6, 9]
+    reqs = [gen.Request(p, n, i) for i, (p, n) in enumerate(zip(prompts, limits))]
+    kw = dict(gamma="auto", budget=16, sink=2)
+    ref = {r.id: r.tokens for r in gen.Decoder(model, 3, 64, 20, **kw).run(reqs)}
+    dec = gen.Decoder(model, 3, 64, 20, compile=True, **kw)
+    dec.warm_up()
+    n = gen.unique_graphs()
+    assert dec.compiled_graphs == len(gen.AUTO_GAMMAS) + 1  # a verify graph per gamma + the draft step
+    got = {r.id: r.tokens for r in dec.run(reqs)}
+    assert gen.unique_graphs() == n and got == ref
