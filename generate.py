@@ -918,7 +918,7 @@ def done_ids(path: Path, rewrite: bool) -> set:
             keep.append(line)
         except (ValueError, KeyError, TypeError):
             continue
-    if rewrite and len(keep) != len([ln for ln in raw if ln.strip()]) or (rewrite and raw[-1] != b""):
+    if rewrite and (len(keep) != len([ln for ln in raw if ln.strip()]) or raw[-1] != b""):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(b"".join(ln + b"\n" for ln in keep))
         os.replace(tmp, path)

@@ -147,10 +147,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, kv_pos: Tensor | None
     Hkv, S = k.shape[1], k.shape[2]
     if flex:
         return flex_attention(q, k, v, block_mask=block_mask(q_pos, kv_pos, S), enable_gqa=H != Hkv)
-    if kv_pos is None:
-        vis = torch.arange(S, device=q.device) <= q_pos[..., None]  # [B, T, S]
-    else:
-        vis = (kv_pos[:, None, :] >= 0) & (kv_pos[:, None, :] <= q_pos[..., None])
+    ar = lambda n, *shape: torch.arange(n, device=q.device).view(*shape)
+    vis = visible(q_pos, kv_pos, S)(ar(B, B, 1, 1), None, ar(T, 1, T, 1), ar(S, 1, 1, S))  # [B, T, S]
     # GQA without copying K/V: the G query heads of a KV group become G*T query rows
     G = H // Hkv
     mask = vis[:, None, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
@@ -165,21 +163,26 @@ def block_mask(q_pos: Tensor, kv_pos: Tensor | None, S: int) -> BlockMask:
     B, T = q_pos.shape
     nq, nkv = -(-T // BLOCK), -(-S // BLOCK)
     idx = torch.arange(nkv, device=q_pos.device, dtype=torch.int32).expand(B, 1, nq, nkv)
-    qmax, kmax = T - 1, S - 1  # kernels pad queries and slots to whole blocks: keep their lookups in range
     if kv_pos is None:
         last = F.pad(q_pos, (0, nq * BLOCK - T), value=0).view(B, nq, BLOCK).amax(-1)
         n = (last // BLOCK + 1).clamp(max=nkv)
-
-        def mask_mod(b, h, qi, ki):
-            return ki <= q_pos[b, qi.clamp(max=qmax)]
     else:
         n = torch.full((B, nq), nkv, device=q_pos.device)
+    return BlockMask.from_kv_blocks(n[:, None].to(torch.int32), idx, BLOCK_SIZE=BLOCK,
+                                    mask_mod=visible(q_pos, kv_pos, S), seq_lengths=(T, S))
 
-        def mask_mod(b, h, qi, ki):
-            kp = kv_pos[b, ki.clamp(max=kmax)]
-            return (kp >= 0) & (kp <= q_pos[b, qi.clamp(max=qmax)])
-    return BlockMask.from_kv_blocks(n[:, None].to(torch.int32), idx, BLOCK_SIZE=BLOCK, mask_mod=mask_mod,
-                                    seq_lengths=(T, S))
+
+def visible(q_pos: Tensor, kv_pos: Tensor | None, S: int):
+    """The one visibility rule of `attend`, as a FlexAttention mask_mod (b, h, query index, slot)
+    -> bool; the eager path calls it on broadcast index ranges."""
+    qmax, kmax = q_pos.shape[1] - 1, S - 1  # kernels pad queries and slots to whole blocks: keep lookups in range
+    if kv_pos is None:
+        return lambda b, h, qi, ki: ki <= q_pos[b, qi.clamp(max=qmax)]
+
+    def mask_mod(b, h, qi, ki):
+        kp = kv_pos[b, ki.clamp(max=kmax)]
+        return (kp >= 0) & (kp <= q_pos[b, qi.clamp(max=qmax)])
+    return mask_mod
 
 
 # ---------------------------------------------------------------------------------------- caches
