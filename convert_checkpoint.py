@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cli import ArgParser, run
 from model import ModelArgs, Transformer, UsageError, rope_inv_freq
 from tokenizer import hf_special_tokens, load_tokenizer, read_json, write_gguf_tokenizer
 
@@ -466,8 +467,6 @@ def default_checkpoint(out=None) -> Path:
 
 
 def main(argv=None):
-    from generate import ArgParser  # generate imports this module
-
     p = ArgParser(description=__doc__.split("\n\n")[0])
     p.add_argument("src", help="Hugging Face model directory or .gguf file")
     p.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
@@ -481,6 +480,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from generate import cli
-
-    cli(main)
+    run(main)

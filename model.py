@@ -258,6 +258,16 @@ class WindowCache(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------- model
+@dataclass
+class CacheArgs:
+    """Which caches one forward reads and writes; built once per forward, read by every layer."""
+    draft: bool = False  # read and write the draft cache instead of the full cache
+    to_draft: bool = False  # also write the new K/V into the draft cache (verification's hand-off)
+    rows: slice = field(default_factory=lambda: slice(None))  # the rows of the caches' batch that this forward's rows are (a refill)
+    kv_len: int | None = None  # full-cache slots the queries may read (a prefill chunk: no further)
+    flex: bool = False  # FlexAttention or SDPA (see attend)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -280,20 +290,20 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
         self.draft_cache: nn.Module | None = None
 
-    def forward(self, x, cos, sin, input_pos, draft, to_draft, rows, kv_len, flex):
+    def forward(self, x, cos, sin, input_pos, c: CacheArgs):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.wqkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
         q = apply_rope(q.view(B, T, H, D), cos, sin)
         k = apply_rope(k.view(B, T, Hkv, D), cos, sin)
         v = v.view(B, T, Hkv, D)
-        if draft:
-            k_all, v_all, kv_pos = self.draft_cache.update(input_pos, k, v, rows)
+        if c.draft:
+            k_all, v_all, kv_pos = self.draft_cache.update(input_pos, k, v, c.rows)
         else:
-            k_all, v_all, kv_pos = self.kv_cache.update(input_pos, k, v, rows, kv_len)
-        if to_draft:  # verification hands its (target-quality) K/V to the draft cache
-            self.draft_cache.update(input_pos, k, v, rows)
-        y = attend(q.transpose(1, 2), k_all, v_all, input_pos, kv_pos, flex)
+            k_all, v_all, kv_pos = self.kv_cache.update(input_pos, k, v, c.rows, c.kv_len)
+        if c.to_draft:  # verification hands its (target-quality) K/V to the draft cache
+            self.draft_cache.update(input_pos, k, v, c.rows)
+        y = attend(q.transpose(1, 2), k_all, v_all, input_pos, kv_pos, c.flex)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -316,8 +326,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, cos, sin, input_pos, *cache_args):
-        x = x + self.attention(self.attention_norm(x), cos, sin, input_pos, *cache_args)
+    def forward(self, x, cos, sin, input_pos, c: CacheArgs):
+        x = x + self.attention(self.attention_norm(x), cos, sin, input_pos, c)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -386,10 +396,11 @@ class Transformer(nn.Module):
         -> logits [B', T, V] (under tensor parallelism: this rank's slice of the vocabulary).
         draft: read/write the draft cache instead of the full cache; to_draft: also write the draft
         cache; kv_len: the full cache's slots the queries may read (prefill); flex: see attend."""
+        c = CacheArgs(draft, to_draft, rows, kv_len, flex)
         cos, sin = self.cos[input_pos][:, :, None], self.sin[input_pos][:, :, None]
         x = self.tok_embeddings(idx)
         for b in self.layers:
-            x = b(x, cos, sin, input_pos, draft, to_draft, rows, kv_len, flex)
+            x = b(x, cos, sin, input_pos, c)
         return self.output(self.norm(x)) if logits else None
 
     @classmethod

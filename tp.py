@@ -69,6 +69,28 @@ def init(w: World, device: torch.device):
             w.group = group
 
 
+def agree(w: World, fn):
+    """fn() on every rank (it may look at w.rank) -> rank 0's result on every rank; a UsageError
+    on any rank is raised on all (the lowest rank's), so no rank is left waiting for the others."""
+    try:
+        res, err = fn(), None
+    except UsageError as e:
+        res, err = None, str(e)
+    if w.size > 1:
+        outs = [None] * w.size
+        dist.all_gather_object(outs, (res, err))
+        res, err = outs[0][0], next((e for _, e in outs if e), None)
+    if err:
+        raise UsageError(err)
+    return res
+
+
+def size(model) -> int:
+    """The tensor-parallel degree a (loaded) model is sharded over."""
+    g = getattr(model, "tp_group", None)
+    return 1 if g is None else dist.get_world_size(g)
+
+
 def split(n: int, parts: int, i: int) -> tuple[int, int]:
     """[start, end) of part i of n items over `parts` parts, the first n % parts one larger."""
     q, r = divmod(n, parts)

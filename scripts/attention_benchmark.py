@@ -19,7 +19,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+import cli  # noqa: E402
 import generate as gen  # noqa: E402
+import tp  # noqa: E402
+from sampling import Sampling  # noqa: E402
+from stats import cache_len  # noqa: E402
 from model import Transformer, WindowCache, attend  # noqa: E402
 
 
@@ -36,7 +40,7 @@ def median_ms(fn, n, device):
 
 
 def main(argv=None):
-    ap = gen.ArgParser(description=__doc__.splitlines()[0])
+    ap = cli.ArgParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", help="default: the built-in SmolLM2-135M")
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--prompt_len", type=int, default=6144)
@@ -55,7 +59,7 @@ def main(argv=None):
     dtype = getattr(torch, a.dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
     model = Transformer.from_checkpoint(ckpt, dev, dtype)
     B, L, g = a.batch_size, a.prompt_len, a.gamma
-    S = gen.cache_len(L + a.max_new_tokens, g)
+    S = cache_len(L + a.max_new_tokens, g)
     torch.manual_seed(0)
     model.setup_caches(B, S)
     for b in model.layers:
@@ -70,7 +74,7 @@ def main(argv=None):
     kc = a_.kv_cache
     att = torch.compile(attend, fullgraph=True, dynamic=False)
     ver = torch.compile(gen.verify_step, fullgraph=True, dynamic=False)
-    vocab, s = gen.tp.Vocab(model.args.vocab_size), gen.Sampling()
+    vocab, s = tp.Vocab(model.args.vocab_size), Sampling()
     print(f"B={B}, L={L} (S={S} slots), gamma={g} ({g + 1} queries per row), {dtype}, {dev}, compiled; "
           f"medians of {a.repeats}")
     print("| attention | one layer's attention ms | verify step ms |\n|---|---:|---:|")
@@ -85,7 +89,7 @@ def main(argv=None):
 
     tok = load_tokenizer(ckpt)
     n = min(n for n in (1024, 2048, 4096, 6144, 7168, 8192) if n >= L)
-    texts = [rec["text"] for _, rec in gen.read_prompt_file(ROOT / "data" / f"prompts_{n}.jsonl")]
+    texts = [rec["text"] for _, rec in cli.read_prompt_file(ROOT / "data" / f"prompts_{n}.jsonl")]
     prompts = [ids[:L] for ids in map(tok.encode, texts) if len(ids) >= L][:B]
     kw = dict(budget=a.budget, sink=16, compile=True)
     model.free_caches()
@@ -103,4 +107,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    gen.cli(main)
+    cli.run(main)

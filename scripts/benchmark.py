@@ -34,8 +34,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # runnable from any cwd
 import torch
 from tqdm import tqdm
 
-import generate as gen
-from generate import ArgParser, cli, generate, read_prompt_file, rows_of
+import cli
+import stats
+from cli import ArgParser, check_same_vocab, gamma_arg, read_checkpoint, read_prompt_file, rows_of
+from generate import generate
+from sampling import max_gamma
 from model import Transformer, UsageError
 from speedup_model import cpu_name
 
@@ -60,7 +63,7 @@ def parse_args(argv):
     for k, what in (("batch_size", "rows"), ("prompt_len", "prompt tokens"), ("budget", "self-draft cache slots, "
                     "sinks included"), ("draft_budget", "window slots of --draft_checkpoint's model, 0 = full cache")):
         add(f"--{k}", type=int, nargs="+", metavar="N", help=f"{what} (default: {fmt(d[k])})")
-    add("--gamma", type=gen.gamma_arg, nargs="+", help=f"drafts per verification, >= 1 or auto ({fmt(d['gamma'])})")
+    add("--gamma", type=gamma_arg, nargs="+", help=f"drafts per verification, >= 1 or auto ({fmt(d['gamma'])})")
     for k, what in (("sink", "attention-sink slots of every draft window"), ("max_new_tokens", "tokens per row"),
                     ("repeats", "timed repeats (rows give medians)"), ("warmup", "untimed rounds per config")):
         add(f"--{k}", type=int, help=f"{what} (default: {d[k]})")
@@ -97,7 +100,7 @@ def check_args(a):
     for g in a.gamma:
         if g != "auto" and g < 1:
             raise UsageError(f"--gamma {g}: must be >= 1 (plain decoding always runs) or auto")
-    need = a.sink + max(map(gen.max_gamma, a.gamma)) + 1  # sinks + a verify's gamma + 1 tokens
+    need = a.sink + max(map(max_gamma, a.gamma)) + 1  # sinks + a verify's gamma + 1 tokens
     for b in [b for b in a.budget if b < need] + [b for b in a.draft_budget if a.draft_checkpoint and 0 < b < need]:
         raise UsageError(f"--budget {b} leaves fewer than gamma+1 recent slots after --sink {a.sink}"
                          f"{' (auto may draft 6)' if 'auto' in a.gamma else ''}: need >= {need}")
@@ -244,7 +247,7 @@ def summarize_runs(c, runs: list[dict], ar_runs: list[dict] | None, B: int, call
                                            for s, r in zip(runs, ar_runs))
     if c[0] == "ar":
         return row | {"decode_step_s": med(lambda s: s["decode_seconds"] / s["verify_steps"])}
-    m = gen.merge_stats(runs)  # the repeats' counts summed: acceptance over all of them
+    m = stats.merge_stats(runs)  # the repeats' counts summed: acceptance over all of them
     row |= {k: m[k] for k in ("acceptance_rate", "mean_accepted", "acceptance_by_position")}
     row |= {"draft_forward_s": med(lambda s: s["draft_seconds"] / max(s["draft_forwards"], 1)),
             "verify_step_s": med(lambda s: s["verify_seconds"] / max(s["verify_steps"], 1))}
@@ -268,10 +271,10 @@ class Bench:
         self.command = "python scripts/benchmark.py" + (" " + shlex.join(argv) if argv else "")
         self.elem = torch.tensor([], dtype=self.dtype).element_size()
         self.results, self.notes, self.hf, self.draft = [], [], None, None
-        self.cfg, self.tok = gen.read_checkpoint(a.checkpoint)
+        self.cfg, self.tok = read_checkpoint(a.checkpoint)
         if a.draft_checkpoint:
-            dcfg, dtok = gen.read_checkpoint(a.draft_checkpoint)
-            gen.check_same_vocab(self.tok, self.cfg, dtok, dcfg, f"--draft_checkpoint {a.draft_checkpoint}")
+            dcfg, dtok = read_checkpoint(a.draft_checkpoint)
+            check_same_vocab(self.tok, self.cfg, dtok, dcfg, f"--draft_checkpoint {a.draft_checkpoint}")
         self.prompts = load_prompts(a, self.tok)
         self.model = Transformer.from_checkpoint(a.checkpoint, device, self.dtype)
         if a.draft_checkpoint:
@@ -313,7 +316,7 @@ class Bench:
         try:  # one prefill for the whole shape: a call with the largest gamma sizes the cache
             if L + N > self.cfg.max_seq_len:
                 raise UsageError(f"prompt_len + max_new_tokens = {L + N} exceeds the context of {self.cfg.max_seq_len}")
-            prefill_s = run(max(specs, key=lambda c: gen.max_gamma(c[1])), prefilled=False)[1]["prefill_seconds"]
+            prefill_s = run(max(specs, key=lambda c: max_gamma(c[1])), prefilled=False)[1]["prefill_seconds"]
         except UsageError as e:  # or generate's memory plan refused the shape
             for r in rows.values():
                 r["skipped"] = str(e)
@@ -360,8 +363,8 @@ class Bench:
             m.free_caches()
         release()
         try:  # the peer's cache and workspace, as generate plans ours
-            plan = lambda b: gen.memory_plan(self.cfg, b, L + a.max_new_tokens, self.elem)
-            gen.check_memory(plan, B, self.device, resident=plan(B)["weights"] if self.hf else 0)
+            plan = lambda b: stats.memory_plan(self.cfg, b, L + a.max_new_tokens, self.elem)
+            stats.check_memory(plan, B, self.device, resident=plan(B)["weights"] if self.hf else 0)
             self.hf = self.hf or load_hf(self.hf_src, self.device, self.dtype)
             r = hf_measure(self.hf, rows_of(self.prompts[L], B), a.max_new_tokens, compile=a.compile,
                            repeats=a.repeats, warmup=a.warmup, sampling=(a.temperature, a.top_k, a.top_p), seed=a.seed)
@@ -387,7 +390,7 @@ class Bench:
         a, cfg = self.a, self.cfg
         ck = Path(a.checkpoint).resolve()  # repo-relative where it can be: results name no one's home
         model = {"checkpoint": str(ck.relative_to(ROOT) if ck.is_relative_to(ROOT) else ck), "args": asdict(cfg),
-                 "param_bytes": gen.param_bytes(self.model),
+                 "param_bytes": stats.param_bytes(self.model),
                  "kv_bytes_per_token": cfg.kv_bytes_per_token(self.elem), "hf_source": self.hf_src and str(self.hf_src)}
         bad = any(r["lossless"] is False for r in self.results)
         p = {"command": self.command, "machine": machine_info(self.device, self.dtype), "model": model,
@@ -523,4 +526,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    cli(main)
+    cli.run(main)

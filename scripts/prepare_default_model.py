@@ -6,7 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from any cwd
 
 from convert_checkpoint import default_checkpoint  # noqa: E402
-from generate import cli  # noqa: E402
+from cli import run  # noqa: E402
 
 if __name__ == "__main__":
-    cli(lambda: print(default_checkpoint()))
+    run(lambda: print(default_checkpoint()))

@@ -21,13 +21,14 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+import cli  # noqa: E402
 import generate as gen  # noqa: E402
 from model import Transformer, UsageError  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 
 def parse_args(argv):
-    ap = gen.ArgParser(description=__doc__.splitlines()[0])
+    ap = cli.ArgParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", help="default: the built-in SmolLM2-135M")
     ap.add_argument("--prompt_file", required=True, help=".jsonl with a \"text\" field per line")
     ap.add_argument("--prompt_len", type=int, default=1024, help="tokens per prompt (longer ones are cut)")
@@ -35,7 +36,7 @@ def parse_args(argv):
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--min_new", type=int, default=16)
     ap.add_argument("--max_new", type=int, default=512)
-    ap.add_argument("--gamma", type=gen.gamma_arg, nargs="+", default=[0, 4], help="0 = plain decoding")
+    ap.add_argument("--gamma", type=cli.gamma_arg, nargs="+", default=[0, 4], help="0 = plain decoding")
     ap.add_argument("--budget", type=int, default=256)
     ap.add_argument("--sink", type=int, default=16)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -54,7 +55,7 @@ def main(argv=None):
 
     ckpt = a.checkpoint or str(default_checkpoint())
     tok = load_tokenizer(ckpt)
-    texts = [rec["text"] for _, rec in gen.read_prompt_file(a.prompt_file)]
+    texts = [rec["text"] for _, rec in cli.read_prompt_file(a.prompt_file)]
     prompts = [ids[: a.prompt_len] for ids in map(tok.encode, texts) if len(ids) >= a.prompt_len][: a.num]
     if len(prompts) < a.num:
         raise UsageError(f"{a.prompt_file}: only {len(prompts)} prompts of >= {a.prompt_len} tokens, --num {a.num}")
@@ -101,4 +102,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    gen.cli(main)
+    cli.run(main)

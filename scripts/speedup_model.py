@@ -42,7 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # generate.py and 
 
 import numpy as np
 
-from generate import ArgParser, cache_len, cli, expected_tokens, max_gamma
+from cli import ArgParser, run
+from sampling import expected_tokens, max_gamma
+from stats import cache_len
 from model import ModelArgs, UsageError
 
 MODELS = {
@@ -396,4 +398,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    cli(main)
+    run(main)

@@ -8,7 +8,7 @@ PY=$(bash scripts/install.sh --python)   # the Python it installed into ($PYTHON
 "$PY" scripts/prepare_default_model.py
 # the real-corpus test of prepare_data.py reads the default corpus (two small Debian packages);
 # where apt-get cannot fetch them that one test is skipped, and says why
-"$PY" -c 'import sys; sys.path.insert(0, "scripts"); import prepare_data; prepare_data.default_corpus()' \
+"$PY" -c 'import sys; sys.path.insert(0, "scripts"); import corpus; corpus.default_corpus()' \
     || echo "warning: default corpus not fetched; tests/test_prepare_data.py::test_default_corpus_real will skip" >&2
 # arguments go to pytest; the whole suite (tests/) unless one of them names a file or folder
 suite=tests

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import generate as gen
+import stats
 from model import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +93,7 @@ def test_separate_draft_model(tiny_ckpt, prompt_file, tmp_path):
 
 
 def test_a_shape_that_does_not_fit_is_skipped_with_generates_reason(tiny_ckpt, prompt_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(gen, "free_memory", lambda device: 1000)
+    monkeypatch.setattr(stats, "free_memory", lambda device: 1000)
     out = tmp_path / "out"
     assert benchmark.main(sweep_args(tiny_ckpt, prompt_file, out, "--no_plots")) == 0
     rows = json.loads((out / "results.json").read_text())["results"]

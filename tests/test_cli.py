@@ -2,15 +2,17 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import generate as gen
+import sampling
 from model import Transformer
 from tokenizer import load_tokenizer
 
-ROOT = gen.Path(gen.__file__).parent
+ROOT = Path(gen.__file__).parent
 
 
 def cli(*argv, timeout=300):
@@ -92,7 +94,7 @@ def test_compiled_is_keyed_by_device_type():
     cpu = gen.compiled(step, torch.device("cpu"), 1)
     cuda = gen.compiled(step, torch.device("cuda", 0), 1)
     assert cpu is gen.compiled(step, torch.device("cpu"), 1) and cuda is not cpu
-    assert {k[1:] for k in gen._compiled if k[0] is step} == {("cpu", None), ("cuda", "reduce-overhead")}
+    assert {k[1:] for k in gen.compiled.fns if k[0] is step} == {("cpu", None), ("cuda", "reduce-overhead")}
 
 
 @pytest.mark.parametrize("gamma", ["4", "auto"])
@@ -109,7 +111,7 @@ def test_compiled_cli_compiles_only_before_the_clock(tiny_ckpt, gamma):
     n0 = gen.unique_graphs()
     rows, st = gen.main(argv + ["--compile"])
     assert st["compiled_graphs"] == gen.unique_graphs() - n0  # all of them before the clock
-    assert st["compiled_graphs"] == (len(gen.AUTO_GAMMAS) + 1 if gamma == "auto" else 2)
+    assert st["compiled_graphs"] == (len(sampling.AUTO_GAMMAS) + 1 if gamma == "auto" else 2)
     assert st["compile_seconds"] > 0 and st["attention"] == "flex"
     assert [r["tokens"] for r in rows] == [r["tokens"] for r in eager]
 

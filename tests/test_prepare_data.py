@@ -1,5 +1,5 @@
-"""scripts/prepare_data.py: chunk lengths after re-encoding, no overlap, .jsonl format, errors, and
-the default corpus reader (on a tiny hand-built .deb; the real corpus only when it is cached)."""
+"""scripts/prepare_data.py: chunk lengths after re-encoding, no overlap, .jsonl format, errors; and
+scripts/corpus.py, the default corpus reader (on a tiny hand-built .deb; the real corpus only when it is cached)."""
 import gzip
 import hashlib
 import io
@@ -17,8 +17,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import corpus as C  # noqa: E402
 import prepare_data as P  # noqa: E402
-from generate import cli  # noqa: E402
+from cli import run  # noqa: E402
 from model import UsageError  # noqa: E402
 
 # Short public-domain quotations: the opening sentences of Jane Austen's novels, as printed in the
@@ -107,7 +108,7 @@ def check_records(tok, recs, n, docs_by_source, skip=0):
 
 def run_main(argv, capsys):
     with pytest.raises(SystemExit) as e:
-        cli(lambda: P.main([str(a) for a in argv]))
+        run(lambda: P.main([str(a) for a in argv]))
     out, err = capsys.readouterr()
     return e.value.code, out, err
 
@@ -226,8 +227,8 @@ def test_strip_gutenberg():
             + body.replace("\n", "\r\n") + "\r\n\r\n"
             "End of Project Gutenberg's Moby Dick; or The Whale, by Herman Melville\r\n\r\n"
             "*** END OF THIS PROJECT GUTENBERG EBOOK MOBY DICK; OR THE WHALE ***\r\n")
-    assert P.strip_gutenberg(text) == body
-    assert P.strip_gutenberg(body) == body  # no markers: unchanged
+    assert C.strip_gutenberg(text) == body
+    assert C.strip_gutenberg(body) == body  # no markers: unchanged
 
 
 # ---------------------------------------------------------------- the default corpus reader
@@ -296,19 +297,19 @@ def test_default_corpus_reader_on_a_built_deb(tmp_path, monkeypatch, capsys):
                                                     "./usr/lib/R/site-library/fake/data/Rdata.rdb": rdb})
     want = "PRIDE AND PREJUDICE\n\n" + QUOTES["pride"]
     sha = hashlib.sha256(want.encode()).hexdigest()
-    monkeypatch.setattr(P, "DEFAULT_CORPUS", [("r-cran-fake", "1.0-1", "fake", [("prideprejudice", "p", "P", sha)])])
-    assert P.default_corpus_cached(tmp_path)
-    docs = P.default_corpus(tmp_path, fetch=False)
+    monkeypatch.setattr(C, "DEFAULT_CORPUS", [("r-cran-fake", "1.0-1", "fake", [("prideprejudice", "p", "P", sha)])])
+    assert C.default_corpus_cached(tmp_path)
+    docs = C.default_corpus(tmp_path, fetch=False)
     assert [(d.source, d.text, d.skip) for d in docs] == [("p: P", want, 0)]
     assert "warning" not in capsys.readouterr().err
     with pytest.raises(UsageError, match="not in .* fetching is off"):
-        P.default_corpus(tmp_path / "empty", fetch=False)
+        C.default_corpus(tmp_path / "empty", fetch=False)
 
 
-@pytest.mark.skipif(not P.default_corpus_cached(), reason="default corpus not cached in data/cache "
+@pytest.mark.skipif(not C.default_corpus_cached(), reason="default corpus not cached in data/cache "
                     "(run scripts/prepare_data.py once to fetch it with apt-get)")
 def test_default_corpus_real(tmp_path, tok, tok_dir, capsys):
-    docs = P.default_corpus(fetch=False)
+    docs = C.default_corpus(fetch=False)
     assert "warning" not in capsys.readouterr().err  # texts match the pinned checksums
     assert len(docs) == 7
     assert all("Project Gutenberg" not in d.text and "\r" not in d.text for d in docs)

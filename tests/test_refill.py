@@ -5,16 +5,18 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import generate as gen
+import sampling
 from model import Transformer
 from test_generate import TEXTS as BASE_TEXTS
 from tokenizer import load_tokenizer
 
-ROOT = gen.Path(gen.__file__).parent
+ROOT = Path(gen.__file__).parent
 TEXTS = BASE_TEXTS + ["A recipe for bread: take flour, water and salt,"]
 LIMITS = [23, 9, 31, 14, 40, 6]  # different output lengths, none a multiple of gamma + 1
 
@@ -183,6 +185,50 @@ def test_compiled_refills_do_not_recompile(tiny_ckpt):
     dec = gen.Decoder(model, 3, 64, 20, compile=True, **kw)
     dec.warm_up()
     n = gen.unique_graphs()
-    assert dec.compiled_graphs == len(gen.AUTO_GAMMAS) + 1  # a verify graph per gamma + the draft step
+    assert dec.compiled_graphs == len(sampling.AUTO_GAMMAS) + 1  # a verify graph per gamma + the draft step
     got = {r.id: r.tokens for r in dec.run(reqs)}
     assert gen.unique_graphs() == n and got == ref
+
+
+def test_a_second_run_on_an_output_being_written_is_refused(tiny_ckpt, tmp_path, monkeypatch):
+    """While a run writes --output (here in this process: the second run starts when the first has
+    written its first line), another run on the same file is refused in one line naming the file
+    and the running process, with or without --resume; the first run completes every prompt."""
+    import os
+
+    import cli as cli_module
+
+    f = tmp_path / "p.jsonl"
+    write_prompts(f, 6)
+    out = tmp_path / "out.jsonl"
+    argv = ["--checkpoint", tiny_ckpt, "--prompt_file", f, "--batch_size", 2, "--max_new_tokens", 12, "--gamma", 2,
+            "--draft_budget", 8, "--sink", 2]
+    seconds = []
+    update = cli_module.Progress.update
+
+    def second_run(self, res, acceptance):
+        if not seconds:
+            seconds.extend([cli(*argv, "--output", out), cli(*argv, "--output", out, "--resume")])
+        update(self, res, acceptance)
+
+    monkeypatch.setattr(cli_module.Progress, "update", second_run)
+    gen.main(list(map(str, argv + ["--output", out])))
+    assert len(seconds) == 2
+    for r in seconds:
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"error: --output {out} is being written"), r.stderr
+        assert f"pid {os.getpid()}" in lines[0]
+    got = read_jsonl(out)
+    assert sorted(x["id"] for x in got) == [f"doc-{i}" for i in range(6)]
+    assert not (tmp_path / "out.jsonl.lock").exists()
+    r = cli(*argv, "--output", out, "--resume")  # the lock went with the run
+    assert r.returncode == 0 and "already in" in r.stderr, r.stderr
+
+
+def test_self_drafting_needs_a_window(real):
+    from model import UsageError
+
+    model, prompts, _ = real
+    with pytest.raises(UsageError, match="self-drafting needs a window"):
+        gen.Decoder(model, 2, 64, 8, gamma=2, budget=0)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import generate as gen
+import sampling
 from model import ModelArgs, Transformer
 
 
@@ -29,15 +30,15 @@ def chi2_ok(samples: torch.Tensor, probs: torch.Tensor) -> bool:
 # --- broken rules: each must be caught by the same checks that pass the real one ---------------
 def accept_all(p, q, d, vocab=None):
     B, g = d.shape
-    return torch.full((B,), g), gen.sample(p[:, g])
+    return torch.full((B,), g), sampling.sample(p[:, g])
 
 
-right = gen.speculative_accept
+right = sampling.speculative_accept
 
 
 def resample_from_p(p, q, d, vocab=None):  # the right acceptance test, but the rejection resamples p, not p - q
     a, _ = right(p, q, d)
-    return a, gen.sample(p[torch.arange(len(a)), a])
+    return a, sampling.sample(p[torch.arange(len(a)), a])
 
 
 def no_min_one(p, q, d, vocab=None):  # accept with prob p/q and also reject when p > q
@@ -46,7 +47,7 @@ def no_min_one(p, q, d, vocab=None):  # accept with prob p/q and also reject whe
     ok = torch.rand_like(pd) < (pd / qd) * (pd <= qd)
     a = ok.int().cumprod(-1).sum(-1)
     r = (p[torch.arange(B), a] - torch.cat((q, torch.zeros_like(q[:, :1])), 1)[torch.arange(B), a]).clamp(min=0)
-    return a, gen.sample(torch.where(r.sum(-1, keepdim=True) > 0, r, p[torch.arange(B), a]))
+    return a, sampling.sample(torch.where(r.sum(-1, keepdim=True) > 0, r, p[torch.arange(B), a]))
 
 
 BROKEN = [accept_all, resample_from_p, no_min_one]
@@ -81,12 +82,12 @@ def test_acceptance_rule_returns_the_target_distribution():
 def test_acceptance_rule_with_identical_draft_accepts_all():
     p = torch.softmax(torch.randn(1, 4, 10), -1)
     d = torch.multinomial(p[0, :3], 1).T
-    a, _ = gen.speculative_accept(p, p[:, :3], d)
+    a, _ = sampling.speculative_accept(p, p[:, :3], d)
     assert a.item() == 3
 
 
 # --- end to end -----------------------------------------------------------------------------------
-def exact(model, prompt, sampling, second: bool):
+def exact(model, prompt, setting, second: bool):
     """Exact distribution of the first sampled token after `prompt` [V], or with `second` the
     joint of the first two [V, V] (one row per candidate first token)."""
     V = model.args.vocab_size
@@ -95,16 +96,17 @@ def exact(model, prompt, sampling, second: bool):
     if second:
         x = torch.cat((x, torch.arange(V)[:, None]), 1)
     model.setup_caches(rows, x.shape[1])
-    probs = gen.logits_to_probs(model(x, torch.arange(x.shape[1]).expand(rows, -1)), *sampling, full_sort=True)[0]
+    probs = sampling.logits_to_probs(model(x, torch.arange(x.shape[1]).expand(rows, -1)), sampling.Sampling(*setting),
+                                     full_sort=True)[0]
     return probs[0, len(prompt) - 1][:, None] * probs[:, -1] if second else probs[0, -1]
 
 
-def matches(model, prompt, sampling, n, second, **kw):
+def matches(model, prompt, setting, n, second, **kw):
     """Do n sampled continuations (2 tokens; speculative with kw) follow the exact distribution?"""
-    out, _, _ = gen.generate(model, [prompt] * n, 2, temperature=sampling[0], top_k=sampling[1],
-                           top_p=sampling[2], **kw)
+    out, _, _ = gen.generate(model, [prompt] * n, 2, temperature=setting[0], top_k=setting[1],
+                           top_p=setting[2], **kw)
     toks = torch.tensor(out)
-    p = exact(model, prompt, sampling, second)
+    p = exact(model, prompt, setting, second)
     if second:
         return chi2_ok(toks[:, 0], p.sum(1)) and chi2_ok(toks[:, 0] * p.shape[0] + toks[:, 1], p)
     return chi2_ok(toks[:, 0], p)
@@ -122,33 +124,33 @@ def small():
     return model, draft, torch.randint(0, 12, (12,)).tolist()
 
 
-@pytest.mark.parametrize("sampling", [(1.0, 0, 1.0), (0.7, 8, 0.9)])
-def test_speculative_sampling_matches_target_small_model(small, sampling, monkeypatch):
+@pytest.mark.parametrize("setting", [(1.0, 0, 1.0), (0.7, 8, 0.9)])
+def test_speculative_sampling_matches_target_small_model(small, setting, monkeypatch):
     model, draft, prompt = small
     self_kw = dict(gamma=2, budget=6, sink=2)  # the prompt outgrows the window: q != p
     sep_kw = dict(gamma=3, draft_model=draft, budget=0)  # a random draft, far from the target
     torch.manual_seed(1)
     with torch.no_grad():
-        assert matches(model, prompt, sampling, 20_000, True)  # plain sampling passes the same check
-        assert matches(model, prompt, sampling, 20_000, True, **self_kw)
-        assert matches(model, prompt, sampling, 20_000, True, **sep_kw)
-        if sampling[1] == 0:
+        assert matches(model, prompt, setting, 20_000, True)  # plain setting passes the same check
+        assert matches(model, prompt, setting, 20_000, True, **self_kw)
+        assert matches(model, prompt, setting, 20_000, True, **sep_kw)
+        if setting[1] == 0:
             for rule in BROKEN:
-                monkeypatch.setattr(gen, "speculative_accept", rule)
-                assert not matches(model, prompt, sampling, 20_000, True, **sep_kw), rule.__name__
+                monkeypatch.setattr(sampling, "speculative_accept", rule)
+                assert not matches(model, prompt, setting, 20_000, True, **sep_kw), rule.__name__
 
 
 def test_top_p_fallback_keeps_the_distribution(small, monkeypatch):
     """With 2 candidates the nucleus (top_p 0.8 of 12 ids) outgrows them at most steps: the verify
     is redone with a full sort and the draft keeps its truncated nucleus as the proposal."""
     model, draft, prompt = small
-    monkeypatch.setattr(gen, "TOP_P_CANDIDATES", 2)
-    sampling = (1.0, 0, 0.8)
+    monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", 2)
+    setting = (1.0, 0, 0.8)
     torch.manual_seed(3)
     with torch.no_grad():
-        assert matches(model, prompt, sampling, 20_000, True)
-        assert matches(model, prompt, sampling, 20_000, True, gamma=2, budget=6, sink=2)
-        assert matches(model, prompt, sampling, 20_000, True, gamma=3, draft_model=draft, budget=0)
+        assert matches(model, prompt, setting, 20_000, True)
+        assert matches(model, prompt, setting, 20_000, True, gamma=2, budget=6, sink=2)
+        assert matches(model, prompt, setting, 20_000, True, gamma=3, draft_model=draft, budget=0)
 
 
 def test_top_p_candidates_equal_the_full_sort():
@@ -161,8 +163,8 @@ def test_top_p_candidates_equal_the_full_sort():
     for scale, top_p, covered in [(4.0, 0.99, True), (2.0, 0.8, True), (1.0, 0.5, True), (2.0, 0.95, False)]:
         logits = torch.randn(6, 3, V) * scale
         logits[..., :10] = logits[..., 10:20]  # ties
-        got, cov = gen.nucleus(logits, one, top_p)
-        ref, _ = gen.nucleus(logits, one, top_p, full_sort=True)
+        got, cov = sampling.nucleus(logits, one, top_p)
+        ref, _ = sampling.nucleus(logits, one, top_p, full_sort=True)
         assert bool(cov) == covered, (scale, top_p)
         if covered:
             assert torch.equal(got, ref)
@@ -176,13 +178,13 @@ def test_speculative_sampling_matches_target_real_model(default_ckpt, truncated,
 
     model = Transformer.from_checkpoint(default_ckpt, dtype=torch.float32)
     tok = load_tokenizer(default_ckpt)
-    sampling = (1.0, 12, 1.0)
+    setting = (1.0, 12, 1.0)
     draft = truncated(model, 3)
     short = tok.encode("My favourite colour is")
     long = tok.encode("After a long debate about the roof and the windows, the committee agreed that")
     torch.manual_seed(2)
     with torch.no_grad():  # few rows: each is a real forward of the 135M model on the CPU
-        assert matches(model, long, sampling, 300, False, gamma=2, budget=1 + 3, sink=1)
-        assert matches(model, short, sampling, 300, False, gamma=1, draft_model=draft, budget=0)
-        monkeypatch.setattr(gen, "speculative_accept", accept_all)
-        assert not matches(model, short, sampling, 300, False, gamma=1, draft_model=draft, budget=0)
+        assert matches(model, long, setting, 300, False, gamma=2, budget=1 + 3, sink=1)
+        assert matches(model, short, setting, 300, False, gamma=1, draft_model=draft, budget=0)
+        monkeypatch.setattr(sampling, "speculative_accept", accept_all)
+        assert not matches(model, short, setting, 300, False, gamma=1, draft_model=draft, budget=0)

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-import generate
+import cli
+import model
+import sampling
+import stats
 from model import ModelArgs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,16 +26,16 @@ A100, H100 = sm.PRESETS["a100"], sm.PRESETS["h100"]
 
 
 def run_cli(argv, capsys) -> tuple[int, str, str]:
-    """main() behind generate.cli, as the script runs it: -> (exit status, stdout, stderr)."""
+    """main() behind cli.run, as the script runs it: -> (exit status, stdout, stderr)."""
     with pytest.raises(SystemExit) as e:
-        generate.cli(lambda: sm.main(argv))
+        cli.run(lambda: sm.main(argv))
     out = capsys.readouterr()
     return e.value.code, out.out, out.err
 
 
 def test_one_home_per_formula():
-    assert sm.expected_tokens is generate.expected_tokens and sm.cache_len is generate.cache_len
-    assert sm.UsageError is generate.UsageError and sm.ArgParser is generate.ArgParser
+    assert sm.expected_tokens is sampling.expected_tokens and sm.cache_len is stats.cache_len
+    assert sm.UsageError is model.UsageError and sm.ArgParser is cli.ArgParser
     c = sm.forward_cost(L38, 4, 1000, 1, 2, 1)
     assert c["kv_bytes"] == (4 * 1000 + 4) * L38.kv_bytes_per_token(2)  # reads + the new token's write
     assert L38.kv_bytes_per_token(2) == 128 * 1024
@@ -130,10 +133,10 @@ def synthetic_results(path: Path) -> int:
     """A results.json as scripts/benchmark.py writes it (float32, one process, eager), its step times
     composed here from TRUE's forward times. -> the number of speculative rows."""
     rows, n = [], 0
-    gmax = max(generate.AUTO_GAMMAS)
+    gmax = max(sampling.AUTO_GAMMAS)
     t = lambda cfg, B, kv, T, copies=1: sm.step_time(cfg, TRUE, B, kv, T, 4, 1, copies)
     for L in (512, 2048, 6144):
-        S = generate.cache_len(L + N, gmax)
+        S = stats.cache_len(L + N, gmax)
         for B in (1, 4, 16):
             t_dec = t(SMOL, B, S, 1) + TRUE.step_overhead_s
             base = {"prompt_len": L, "batch_size": B, "skipped": None, "generated_tokens": B * N}
@@ -142,7 +145,7 @@ def synthetic_results(path: Path) -> int:
             for method, g in (("self", 2), ("self", 4), ("self", "auto"), ("draft", 3)):
                 used = {0: 10, 2: 20, 4: 30} if g == "auto" else {g: 1}
                 mix = {h: k / sum(used.values()) for h, k in used.items()}
-                E = sum(w * generate.expected_tokens(ALPHA, h) for h, w in mix.items())
+                E = sum(w * sampling.expected_tokens(ALPHA, h) for h, w in mix.items())
                 dcfg, copies = (DRAFT, 1) if method == "draft" else (SMOL, 2)
                 t_draft = t(dcfg, B, BUDGET, 1)
                 t_ver = sum(w * t(SMOL, B, S, h + 1, copies) for h, w in mix.items())

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 import generate as gen
 from model import Transformer
 
-ROOT = gen.Path(gen.__file__).parent
+ROOT = Path(gen.__file__).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

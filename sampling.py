@@ -1,0 +1,162 @@
+"""Sampling and acceptance: temperature / top-k / top-p, the greedy and rejection rules that keep
+speculation lossless, and --gamma auto's policy. Everything is batched over rows and needs no
+host sync; under tensor parallelism the vocabulary reductions go through `tp.Vocab`."""
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+import tp
+
+TOP_P_CANDIDATES = 1024  # --top_p sorts only this many of the largest logits (see nucleus)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+def nucleus(logits: Tensor, vocab: tp.Vocab, top_p: float, full_sort=False) -> tuple[Tensor, Tensor]:
+    """Mask all but the smallest set of largest logits whose probability reaches top_p (ties at the
+    boundary kept). Sorts only the TOP_P_CANDIDATES largest: exact whenever they hold the nucleus,
+    which `covered` (a bool tensor) says; full_sort sorts the whole vocabulary instead."""
+    k = vocab.n if full_sort else min(TOP_P_CANDIDATES, vocab.n)
+    vals = vocab.gather(logits).sort(-1, descending=True).values if full_sort else vocab.topk(logits, k)
+    m = vals[..., :1]
+    p = (vals - m).exp() / vocab.sum((logits - m).exp())[..., None]
+    cum = p.cumsum(-1)
+    n = (cum - p < top_p).sum(-1, keepdim=True)  # kept: the mass before them is below top_p
+    covered = torch.tensor(True, device=logits.device) if full_sort else (cum[..., -1] >= top_p).all()
+    return logits.masked_fill(logits < vals.gather(-1, n - 1), -math.inf), covered
+
+
+def logits_to_probs(logits: Tensor, s: Sampling, vocab: tp.Vocab | None = None,
+                    full_sort=False) -> tuple[Tensor, Tensor | None]:
+    """-> (probabilities over this rank's vocabulary slice, top_p's `covered` or None)."""
+    vocab = vocab or tp.Vocab(logits.shape[-1])
+    logits = logits.float() / s.temperature
+    if s.top_k and s.top_k < vocab.n:
+        logits = logits.masked_fill(logits < vocab.topk(logits, s.top_k)[..., -1:], -math.inf)
+    covered = None
+    if s.top_p < 1.0:
+        logits, covered = nucleus(logits, vocab, s.top_p, full_sort)
+    e = (logits - vocab.max(logits)[..., None]).exp()
+    return e / vocab.sum(e)[..., None], covered
+
+
+def sample(weights: Tensor, vocab: tp.Vocab | None = None) -> Tensor:
+    """One index per row, with probability proportional to the (unnormalised) `weights`:
+    argmax w / E for E ~ Exp(1) needs no host sync. E = -log U, U in [0, 1), is never 0. Every
+    rank draws the whole vocabulary's U from the shared seed and uses its slice, so the token is
+    the same on any number of ranks."""
+    vocab = vocab or tp.Vocab(weights.shape[-1])
+    return vocab.argmax(weights / -torch.log(vocab.rand(weights)))
+
+
+def speculative_accept(p: Tensor, q: Tensor, d: Tensor, vocab: tp.Vocab | None = None) -> tuple[Tensor, Tensor]:
+    """The rejection rule. p: [B, g+1, V] target probs, q: [B, g, V] draft probs, d: [B, g] drafts.
+    Accept d_i with prob min(1, p/q) until the first rejection, then sample the residual
+    max(p - q, 0); if all g pass, sample p_{g+1}. -> (accepted count [B], next token [B])."""
+    vocab = vocab or tp.Vocab(p.shape[-1])
+    B, g = d.shape
+    if g == 0:  # plain sampling
+        return d.new_zeros(B), sample(p[:, 0], vocab)
+    pd, qd = vocab.pick(p[:, :g], d), vocab.pick(q, d)
+    ok = torch.rand_like(pd) * qd < pd
+    a = ok.int().cumprod(-1).sum(-1)
+    rows = torch.arange(B, device=d.device)
+    pa = p[rows, a]
+    qa = torch.cat((q, torch.zeros_like(q[:, :1])), 1)[rows, a]  # q = 0 after g: residual = p
+    r = (pa - qa).clamp(min=0)
+    r = torch.where(vocab.sum(r)[:, None] > 0, r, pa)  # p == q up to rounding
+    return a, sample(r, vocab)
+
+
+def greedy_accept(logits: Tensor, d: Tensor, vocab: tp.Vocab | None = None) -> tuple[Tensor, Tensor]:
+    """logits: [B, g+1, V], d: [B, g] -> (longest prefix of d equal to the argmax, next token)."""
+    t = (vocab or tp.Vocab(logits.shape[-1])).argmax(logits)
+    a = (d == t[:, :-1]).int().cumprod(-1).sum(-1)
+    return a, t.gather(1, a[:, None])[:, 0]
+
+
+# ------------------------------------------------------------------------------------ --gamma auto
+AUTO_GAMMAS = (0, 1, 2, 3, 4, 6)  # what --gamma auto chooses from (each gamma is one verify graph)
+
+
+def max_gamma(gamma: int | str) -> int:
+    """The largest gamma a run may use: --gamma auto may pick any of AUTO_GAMMAS."""
+    return max(AUTO_GAMMAS) if gamma == "auto" else int(gamma)
+
+
+def expected_tokens(alpha: float, gamma: int) -> float:
+    """Tokens one verify step commits per row when each draft passes with probability alpha."""
+    return gamma + 1.0 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+@dataclass
+class LineFit:
+    """Exponentially weighted least squares of y = v0 + v1 * x (the sums it keeps, by name)."""
+    w: float = 0.0
+    wx: float = 0.0
+    wy: float = 0.0
+    wxx: float = 0.0
+    wxy: float = 0.0
+
+    def add(self, x: float, y: float, decay: float):
+        self.w, self.wx, self.wy = decay * self.w + 1, decay * self.wx + x, decay * self.wy + y
+        self.wxx, self.wxy = decay * self.wxx + x * x, decay * self.wxy + x * y
+
+    def line(self) -> tuple[float, float]:
+        var = self.wxx * self.w - self.wx * self.wx
+        v1 = max((self.wxy * self.w - self.wx * self.wy) / var, 0.0) if var > 1e-12 else 0.0
+        return (self.wy - v1 * self.wx) / max(self.w, 1e-12), v1
+
+
+class AutoGamma:
+    """--gamma auto: before each step, the gamma (0 = no speculation) with the most expected
+    tokens per second, E(alpha, g) / (g * t_draft + t_verify(g)). alpha is the acceptance measured
+    so far (accepted / (accepted + rejected), the geometric model's estimate); t_draft and
+    t_verify(g) = v0 + v1 * g are fitted to this run's own step times, exponentially weighted so
+    they follow the growing context. A few steps explore other gammas to keep the fit alive."""
+
+    def __init__(self, gammas=AUTO_GAMMAS, decay=0.95, explore_every=16, group=None, device=None):
+        self.gammas, self.decay, self.explore_every = gammas, decay, explore_every
+        self.group, self.device = group, device  # a tensor-parallel group follows its first rank
+        self.seed = [g for g in (1, 0, 2) if g in gammas]  # cheap first steps that spread the fit
+        self.accepted, self.rejected = 1.0, 1.0  # a uniform prior
+        self.t_draft = None
+        self.verify = LineFit()
+        self.steps = 0
+        self.used = {}
+
+    def rates(self) -> dict[int, float]:
+        alpha = self.accepted / (self.accepted + self.rejected)
+        v0, v1 = self.verify.line()
+        return {g: expected_tokens(alpha, g) / max(g * (self.t_draft or 0.0) + v0 + v1 * g, 1e-9)
+                for g in self.gammas}
+
+    def choose(self) -> int:
+        if self.steps < len(self.seed):
+            g = self.seed[self.steps]
+        else:
+            (g, best), (g2, second) = sorted(self.rates().items(), key=lambda kv: -kv[1])[:2]
+            if self.steps % self.explore_every == 0 and second > 0.5 * best:  # refresh the fit
+                g = g2
+        if self.group is not None:  # ranks time differently but must run the same step
+            t = torch.tensor([g], device=self.device)
+            torch.distributed.broadcast(t, torch.distributed.get_global_rank(self.group, 0), self.group)
+            g = int(t)
+        self.used[g] = self.used.get(g, 0) + 1
+        return g
+
+    def update(self, g, t_draft, t_verify, accepted: list[int]):
+        self.steps += 1
+        self.verify.add(g, t_verify, self.decay)
+        if g:
+            d = t_draft / g
+            self.t_draft = d if self.t_draft is None else self.decay * self.t_draft + (1 - self.decay) * d
+            self.accepted += sum(accepted)
+            self.rejected += sum(a < g for a in accepted)
