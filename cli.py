@@ -198,8 +198,9 @@ def parse_args(argv=None):
     add("--draft_budget", type=int, default=256,
         help="draft KV slots: sink + recent window (0: a separate draft model's full cache)")
     add("--sink", type=int, default=16, help="attention-sink slots of the draft window")
-    add("--gamma", type=gamma_arg, default=4, help="tokens drafted per verification, or auto: chosen each step "
-        f"from measured acceptance and step times among {AUTO_GAMMAS} (0 = no speculation)")
+    add("--gamma", type=gamma_arg, default="auto", help="tokens drafted per verification, or auto (the default): "
+        f"chosen before every step among {AUTO_GAMMAS} from this run's measured acceptance and step times "
+        "(0 = a plain decoding step)")
     add("--tp", type=int, default=1, help="tensor-parallel degree (under torchrun); the world splits into "
         "WORLD_SIZE / tp data-parallel groups")
     args = ap.parse_args(argv)

@@ -27,7 +27,7 @@ from stats import Counters, Timer, cache_len, param_bytes
 # ----------------------------------------------------------------------------------------- steps
 def draft_step(model, vocab, x, input_pos, draft: bool, flex: bool, s: Sampling):
     """x, input_pos: [B, T] -> (next token [B], its distribution [B, V] or None when greedy)."""
-    logits = model(x, input_pos, draft=draft, flex=flex)[:, -1]
+    logits = model(x, input_pos, draft=draft, flex=flex, logits="last")[:, -1]
     if s.temperature == 0:
         return vocab.argmax(logits), None
     probs, _ = sampling.logits_to_probs(logits, s, vocab)  # a truncated nucleus is still
@@ -46,12 +46,13 @@ def verify_step(model, vocab, seq, input_pos, d, q, to_draft: bool, flex: bool, 
 @dataclass
 class Compiled:
     """torch.compile(fn) once per (function, device type, mode): one graph per shape (dynamic=False),
-    CUDA graphs on GPU. Past Dynamo's recompile limit fullgraph=True is a hard error, so the limit
-    is raised to the graphs this process has asked for."""
+    CUDA graphs on GPU (trees, one memory pool for every graph, tensor parallel included: their
+    functional collectives are captured like any kernel). Past Dynamo's recompile limit
+    fullgraph=True is a hard error, so the limit is raised to the graphs this process has asked for."""
     fns: dict = field(default_factory=dict)  # (fn, device type, mode) -> compiled fn
     graphs: dict = field(default_factory=dict)  # fn -> graphs asked for
 
-    def __call__(self, fn, device: torch.device, graphs: int, tensor_parallel=False):
+    def __call__(self, fn, device: torch.device, graphs: int):
         import torch._dynamo.config as dc
 
         mode = "reduce-overhead" if device.type == "cuda" else None
@@ -64,8 +65,6 @@ class Compiled:
                         ("accumulated_recompile_limit", total), ("accumulated_cache_size_limit", total)):
             if getattr(dc, name, n) < n:
                 setattr(dc, name, n)
-        if tensor_parallel and mode:  # CUDA-graph trees and speculation under TP: gpt-fast's workaround
-            torch._inductor.config.triton.cudagraph_trees = False
         return self.fns[key]
 
 
@@ -140,6 +139,15 @@ class Verified(NamedTuple):
     covered: Tensor | None  # top_p: did the candidates hold every nucleus
 
 
+class Seen(NamedTuple):
+    """What the host reads of a step (its one sync)."""
+    finished: list  # per row: it finished in this step
+    covered: bool  # top_p's candidates held every nucleus
+    accepted: int  # drafts accepted over the live rows
+    rejected: int  # live rows whose drafts were not all accepted
+    last_pos: int  # the largest pending position of a row still decoding (-1: none)
+
+
 class Commit(NamedTuple):
     rows: Rows  # the state after the step
     slots: Tensor  # [B, g+1] where each candidate token goes in `out` (its last column: not committed)
@@ -200,12 +208,12 @@ class Decoder:
         self.c = Counters.zeros(gmax, dev)
         self.timer = Timer(dev)
         self.steps = self.draft_forwards = self.prompts_done = 0
+        self.last_pos, self.covered = -1, False  # the largest pending position of a live row; see step
         self.prefill_seconds = self.decode_seconds = self.compile_seconds = 0.0
         self.compiled_graphs = 0
-        tpar = group is not None
         n_draft = 2 if self.mode in ("window", "full") else 1  # a separate draft's first forward: 2 tokens
-        self.dstep = compiled(draft_step, dev, n_draft, tpar) if o.compile else draft_step
-        self.vstep = compiled(verify_step, dev, len(self.gammas), tpar) if o.compile else verify_step
+        self.dstep = compiled(draft_step, dev, n_draft) if o.compile else draft_step
+        self.vstep = compiled(verify_step, dev, len(self.gammas)) if o.compile else verify_step
         self.warmed = False
 
     # ---- set-up: compile, prefill
@@ -229,9 +237,13 @@ class Decoder:
         self.c.draft_kv_read.zero_()
         self.timer = Timer(self.device)
 
-    def prefill(self, rows: slice, reqs: list[Request], prefilled=False):
-        """Prefill `rows` (a slice of the batch) with these prompts and make them live."""
+    def prefill(self, rows: list[int], reqs: list[Request], prefilled=False):
+        """Prefill these rows of the batch with these prompts, all in one prefill, and make them live."""
         dev, n = self.device, len(reqs)
+        self.last_pos = max(self.last_pos, max(len(r.tokens) for r in reqs) - 1)
+        self.covered = self.mode == "self" and self.last_pos + 1 + self.gmax <= self.o.budget
+        rows = slice(rows[0], rows[0] + n) if rows == list(range(rows[0], rows[0] + n)) else \
+            torch.tensor(rows, device=dev)  # the caches' rows: a slice (views) or an index tensor
         lens = torch.tensor([len(r.tokens) for r in reqs], device=dev)
         tokens = torch.zeros(n, int(lens.max()), dtype=torch.long, device=dev)
         for i, r in enumerate(reqs):
@@ -257,7 +269,7 @@ class Decoder:
     def speculate(self, g: int, full_sort=False) -> Verified:
         """Draft g tokens and verify them (g = 0: one plain decoding step); commits nothing."""
         s, B, cur, pos = self.sampling, self.B, self.rows.cur, self.rows.pos
-        self.timer.mark("draft")
+        self.timer.mark(0)
         d, q = [], []
         if g:
             # A separate model never saw its last drafted token when all g were accepted: it
@@ -266,46 +278,56 @@ class Decoder:
                 torch.stack((self.rows.prev, cur), 1), torch.stack((pos - 1, pos), 1).clamp(min=0))
             for i in range(g):
                 t, probs = self.dstep(self.drafter, self.vocab, x, x_pos, self.window, self.flex, s)
-                self.c.draft_kv_read += (x_pos[:, -1] + 1).clamp(max=self.o.budget if self.window else self.S).sum()
-                d.append(t.clone())
+                d.append(t.clone())  # (a CUDA graph's outputs are overwritten by its next replay)
                 if probs is not None:
                     q.append(probs.clone())
                 x, x_pos = d[-1][:, None], (pos + i + 1)[:, None]
-        if self.auto:
-            sync(self.device)
-            self.t_verify = time.perf_counter()
-        self.timer.mark("verify")
+        self.timer.mark(1)
         d = torch.stack(d, 1) if g else cur.new_zeros(B, 0)
         q = torch.stack(q, 1) if q else None
         seq, seq_pos = torch.cat((cur[:, None], d), 1), pos[:, None] + self.idx[: g + 1]
         vstep = verify_step if full_sort else self.vstep  # the rare exact redo runs eagerly
         a, t, covered = vstep(self.model, self.vocab, seq, seq_pos, d, q, self.mode == "self",
                               self.flex and not full_sort, s, full_sort)
-        self.timer.mark("commit")
+        self.timer.mark(2)
         return Verified(d, q, a.clone(), t.clone(), covered)
 
     def step(self) -> list[int]:
-        """Advance every live row by one verify step; -> the rows that finished in it. The one host
-        sync is reading which rows finished (--gamma auto adds the two its step timings need)."""
-        g = self.auto.choose() if self.auto else self.gmax
+        """Advance every live row by one verify step; -> the rows that finished in it. One host
+        sync: it reads which rows finished, with what --gamma auto and top_p need."""
+        live = ~self.rows.done
+        g = self.auto.choose(self.covered) if self.auto else self.gmax
         self.steps += 1
         self.draft_forwards += g
-        t_step, live = time.perf_counter(), ~self.rows.done
         v = self.speculate(g)
         new = self.commit(g, v)
-        *finished, ok = torch.cat((new.rows.done & live, v.covered[None] if v.covered is not None
-                                   else live.new_ones(1))).tolist()
-        if not ok:  # top_p: the nucleus outgrew the candidates: redo the step with a full sort (rare). The
-            self.draft_forwards += g  # drafts are drawn afresh: ones kept because they led here are biased
+        seen = self.read(g, v, new, live)
+        if not seen.covered:  # top_p: the nucleus outgrew the candidates: redo the step with a full sort
+            self.draft_forwards += g  # (rare). The drafts are drawn afresh: ones kept because they led here are biased
             v = self.speculate(g, full_sort=True)
             new = self.commit(g, v)
-            finished = (new.rows.done & live).tolist()
+            seen = self.read(g, v, new, live)
         self.out.scatter_(1, new.slots, new.tokens)
-        self.count(g, v.a, live, new.rows.n_out.sum() - self.rows.n_out.sum())
+        self.count(g, v.a, live, new.rows)
         self.rows = new.rows
+        self.timer.mark(3)
+        timed = self.timer.end_step(g)
         if self.auto:
-            self.auto.update(g, self.t_verify - t_step, time.perf_counter() - self.t_verify, v.a[live].tolist())
-        return [i for i, f in enumerate(finished) if f]
+            self.auto.update(g, seen.accepted, seen.rejected)
+            if timed:
+                self.auto.timed(timed[0], timed[1]["draft"], timed[1]["verify"] + timed[1]["host"])
+        # the window holds every live row's context up to the largest verify: a draft reads what the target does
+        self.last_pos = seen.last_pos
+        self.covered = self.mode == "self" and self.last_pos + 1 + self.gmax <= self.o.budget
+        return [i for i, f in enumerate(seen.finished) if f]
+
+    def read(self, g: int, v: Verified, new: "Commit", live: Tensor) -> "Seen":
+        """The step's one host sync."""
+        covered = v.covered[None] if v.covered is not None else live.new_ones(1)
+        a_live = torch.where(live, v.a, 0)
+        last = torch.where(new.rows.done, -1, new.rows.pos).amax()[None]
+        x = torch.cat((new.rows.done & live, covered, a_live.sum()[None], ((v.a < g) & live).sum()[None], last)).tolist()
+        return Seen(x[:self.B], bool(x[self.B]), x[self.B + 1], x[self.B + 2], x[self.B + 3])
 
     def commit(self, g: int, v: Verified) -> Commit:
         """Per row: this step's new tokens d_1..d_a then t, cut at EOS and at the row's limit. Pure:
@@ -325,15 +347,16 @@ class Decoder:
         rows = Rows(prev, torch.where(done, r.cur, v.t), torch.where(done, r.pos, r.pos + a + 1), n_out, done, hit_eos)
         return Commit(rows, slots, cand)
 
-    def count(self, g: int, a: Tensor, live: Tensor, generated: Tensor):
-        c, idx = self.c, self.idx[:g]
-        c.generated += generated
+    def count(self, g: int, a: Tensor, live: Tensor, new: Rows):
+        c, idx, pos = self.c, self.idx[:g], self.rows.pos
+        c.generated += (new.n_out - self.rows.n_out).sum()
         c.row_steps += live.sum()
         c.drafts_proposed += live.sum() * g
-        c.kv_read += (self.rows.pos + g + 1).sum()
+        c.kv_read += (pos + g + 1).sum()
         self.row_steps += live
         self.row_acc += torch.where(live, a, 0)
         if g:
+            c.draft_kv_read += (pos[:, None] + idx + 1).clamp(max=self.o.budget if self.window else self.S).sum()
             c.drafts_tried[:g] += ((idx <= a[:, None]) & live[:, None]).sum(0)
             c.drafts_accepted[:g] += ((idx < a[:, None]) & live[:, None]).sum(0)
 
@@ -368,18 +391,19 @@ class Decoder:
                     break
             return got
 
-        def fill(rows: slice, reqs, prefilled=False) -> float:
+        def fill(rows: list[int], reqs, prefilled=False) -> float:
             sync(self.device)
             t0 = time.perf_counter()
             self.prefill(rows, reqs, prefilled)
             sync(self.device)
-            slot[rows] = reqs
+            for i, r in zip(rows, reqs):
+                slot[i] = r
             self.prefill_seconds += time.perf_counter() - t0
             return time.perf_counter() - t0
 
         first = take(self.B)
         if first:  # one batched prefill for the first rows
-            fill(slice(0, len(first)), first, prefilled)
+            fill(list(range(len(first))), first, prefilled)
         t0, refills = time.perf_counter(), 0.0
         while any(r is not None for r in slot):
             finished = self.step()
@@ -389,10 +413,12 @@ class Decoder:
                     yield res
                 for i in finished:
                     slot[i] = None
-                    nxt = take(1)
-                    if nxt:
-                        refills += fill(slice(i, i + 1), nxt)
-        self.timer.mark("end")
+                nxt = take(len(finished))
+                if nxt:  # the rows that finished together are refilled together, in one prefill
+                    refills += fill(finished[: len(nxt)], nxt)
+        timed = self.timer.flush()
+        if timed and self.auto:
+            self.auto.timed(timed[0], timed[1]["draft"], timed[1]["verify"] + timed[1]["host"])
         sync(self.device)
         self.decode_seconds += time.perf_counter() - t0 - refills
 
@@ -401,7 +427,7 @@ class Decoder:
 
     def stats(self) -> dict:
         """Raw counts and times of everything this decoder ran; see stats.summarize for the derived ones."""
-        c, phases = self.c, self.timer.totals()
+        c, phases = self.c, self.timer.total
         kv, kv_d = int(c.kv_read), int(c.draft_kv_read)
         m, dm = self.model, self.drafter
         kvb = lambda x: x.args.kv_bytes_per_token(x.tok_embeddings.weight.element_size(),
@@ -411,8 +437,9 @@ class Decoder:
             "generated_tokens": int(c.generated),
             "prefill_seconds": self.prefill_seconds,
             "decode_seconds": self.decode_seconds,
-            "draft_seconds": phases.get("draft", 0.0),
-            "verify_seconds": phases.get("verify", 0.0),
+            "draft_seconds": phases["draft"],
+            "verify_seconds": phases["verify"],
+            "host_seconds": phases["host"],
             "verify_steps": self.steps,
             "draft_forwards": self.draft_forwards,
             "row_steps": int(c.row_steps),
@@ -431,11 +458,11 @@ class Decoder:
         return s
 
 
-def prefill(model: Transformer, tokens: Tensor, n: Tensor, rows: slice, S: int, draft=False):
-    """Fill `rows`' caches with positions [0, n_b) of each row of `tokens` [B', L], in chunks
-    (of at most S slots: a draft window must not wrap within one forward)."""
-    B = tokens.shape[0]
-    chunk = min(stats.prefill_chunk(B, S, model.args.n_heads), S)
+def prefill(model: Transformer, tokens: Tensor, n: Tensor, rows, S: int, draft=False):
+    """Fill `rows`' caches (a slice or an index tensor) with positions [0, n_b) of each row of
+    `tokens` [B', L], in chunks (of at most S slots: a draft window must not wrap in one forward)."""
+    B, a = tokens.shape[0], model.args
+    chunk = min(stats.prefill_chunk(B, S, a.n_heads // a.n_kv_heads), S)
     end = int(n.max())
     for s in range(0, end, chunk):
         e = min(s + chunk, end)

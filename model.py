@@ -137,34 +137,71 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 BLOCK = 128  # FlexAttention's block of queries and of KV slots
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, kv_pos: Tensor | None, flex: bool) -> Tensor:
+@dataclass
+class CacheArgs:
+    """Which caches one forward reads and writes; built once per forward, read by every layer."""
+    draft: bool = False  # read and write the draft cache instead of the full cache
+    to_draft: bool = False  # also write the new K/V into the draft cache (verification's hand-off)
+    rows: slice | Tensor = field(default_factory=lambda: slice(None))  # the caches' rows this forward's
+    # rows are: a slice, or an index tensor [B'] (rows refilled together)
+    kv_len: int | None = None  # full-cache slots a prefill chunk reads (its queries at the same positions in every row)
+    flex: bool = False  # FlexAttention or SDPA (see attend)
+    masks: dict = field(default_factory=dict)  # the full cache's mask, built by the first layer
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, kv_pos: Tensor | None, c: CacheArgs) -> Tensor:
     """q: [B, H, T, D] at positions q_pos [B, T]; k, v: [B, H_kv, S, D] (query head h reads KV
-    head h // (H / H_kv)), slot s holding position kv_pos[b, s] (-1: empty) or, with kv_pos None
-    (the full cache), position s. A slot is visible iff 0 <= its position <= the query's.
-    flex: FlexAttention with a block mask of each row's KV blocks (compiled: Inductor's kernels,
-    split-KV decoding on CUDA for short queries); else SDPA with a dense boolean mask. -> [B, H, T, D]"""
+    head h // G, G = H / H_kv), slot s holding position kv_pos[b, s] (or kv_pos[b, h_kv, s]: per
+    KV head; -1: empty) or, with kv_pos None (the full cache), position s. A slot is visible iff
+    0 <= its position <= the query's (`visible`). -> [B, H, T, D]
+
+    The G query heads of a KV group are folded into the query axis ([B, H_kv, G*T, D]: row
+    g*T + t is head g's query t), so neither kernel copies K/V, and FlexAttention sees one query
+    head per KV head: Inductor's split-KV decoding kernel wants H/H_kv a power of two and a query
+    length below 128, which G*T is for every gamma <= 6 of LLaMA-shaped models (G <= 8).
+    Backends: a prefill chunk (every row's queries at the same positions) is SDPA with one causal
+    mask broadcast over the rows; c.flex is FlexAttention with a block mask of each row's KV
+    blocks; else SDPA with a dense mask per row. The full cache's mask is built once per forward
+    (c.masks), not once per layer."""
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    if flex:
-        return flex_attention(q, k, v, block_mask=block_mask(q_pos, kv_pos, S), enable_gqa=H != Hkv)
-    ar = lambda n, *shape: torch.arange(n, device=q.device).view(*shape)
-    vis = visible(q_pos, kv_pos, S)(ar(B, B, 1, 1), None, ar(T, 1, T, 1), ar(S, 1, 1, S))  # [B, T, S]
-    # GQA without copying K/V: the G query heads of a KV group become G*T query rows
     G = H // Hkv
-    mask = vis[:, None, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
-    y = F.scaled_dot_product_attention(q.reshape(B, Hkv, G * T, D), k, v, attn_mask=mask)
+    q = q.reshape(B, Hkv, G * T, D)
+    key = ("prefill" if c.kv_len is not None else "flex" if c.flex else "dense") if kv_pos is None else None
+    mask = c.masks.get(key)
+    if mask is None:
+        if key == "prefill":  # row 0's positions are every row's: [1, 1, G*T, S]
+            mask = dense_mask(q_pos[:1], None, S, G)
+        else:
+            mask = block_mask(q_pos, kv_pos, S, G) if c.flex else dense_mask(q_pos, kv_pos, S, G)
+        if key:
+            c.masks[key] = mask
+    if c.flex and key != "prefill":
+        y = flex_attention(q, k, v, block_mask=mask)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return y.view(B, H, T, D)
 
 
-def block_mask(q_pos: Tensor, kv_pos: Tensor | None, S: int) -> BlockMask:
-    """The BlockMask of `attend`: for the full cache each query block reads KV blocks up to its
-    row's largest position (so a row costs its own length, not S); a draft cache is small and
-    read whole, its slots masked through kv_pos. Built from [B]-sized tensor ops, no S-sized mask."""
+def dense_mask(q_pos: Tensor, kv_pos: Tensor | None, S: int, G: int = 1) -> Tensor:
+    """`visible` on broadcast index ranges of G*T folded query rows: [B, 1 (or H_kv for per-head
+    kv_pos), G*T, S] booleans."""
     B, T = q_pos.shape
+    ar = lambda n, *shape: torch.arange(n, device=q_pos.device).view(*shape)
+    h = ar(kv_pos.shape[1], 1, -1, 1, 1) if kv_pos is not None and kv_pos.dim() == 3 else None
+    return visible(q_pos, kv_pos, S)(ar(B, -1, 1, 1, 1), h, ar(G * T, 1, 1, -1, 1), ar(S, 1, 1, 1, -1))
+
+
+def block_mask(q_pos: Tensor, kv_pos: Tensor | None, S: int, G: int = 1) -> BlockMask:
+    """The BlockMask of `attend` for G*T folded query rows: for the full cache each query block
+    reads KV blocks up to its rows' largest position (so a row costs its own length, not S); a
+    draft cache is small and read whole, its slots masked through kv_pos. Built from [B]-sized
+    tensor ops, no S-sized mask; head dimension 1 (every KV head reads the same blocks)."""
+    B, T = q_pos.shape[0], G * q_pos.shape[1]
     nq, nkv = -(-T // BLOCK), -(-S // BLOCK)
     idx = torch.arange(nkv, device=q_pos.device, dtype=torch.int32).expand(B, 1, nq, nkv)
     if kv_pos is None:
-        last = F.pad(q_pos, (0, nq * BLOCK - T), value=0).view(B, nq, BLOCK).amax(-1)
+        last = F.pad(q_pos.repeat(1, G), (0, nq * BLOCK - T), value=0).view(B, nq, BLOCK).amax(-1)
         n = (last // BLOCK + 1).clamp(max=nkv)
     else:
         n = torch.full((B, nq), nkv, device=q_pos.device)
@@ -173,15 +210,17 @@ def block_mask(q_pos: Tensor, kv_pos: Tensor | None, S: int) -> BlockMask:
 
 
 def visible(q_pos: Tensor, kv_pos: Tensor | None, S: int):
-    """The one visibility rule of `attend`, as a FlexAttention mask_mod (b, h, query index, slot)
-    -> bool; the eager path calls it on broadcast index ranges."""
-    qmax, kmax = q_pos.shape[1] - 1, S - 1  # kernels pad queries and slots to whole blocks: keep lookups in range
+    """The one visibility rule of `attend`, as a FlexAttention mask_mod (b, h, query row, slot)
+    -> bool; h is the KV head and query row r is query r % T (folded rows, see attend). The eager
+    masks call it on broadcast index ranges. It reads only its arguments (Inductor's CPU template
+    cannot take a mask_mod over tensors computed inside the graph)."""
+    T, kmax = q_pos.shape[1], S - 1  # kernels pad slots to whole blocks: keep lookups in range
     if kv_pos is None:
-        return lambda b, h, qi, ki: ki <= q_pos[b, qi.clamp(max=qmax)]
+        return lambda b, h, qi, ki: ki <= q_pos[b, qi % T]
 
     def mask_mod(b, h, qi, ki):
-        kp = kv_pos[b, ki.clamp(max=kmax)]
-        return (kp >= 0) & (kp <= q_pos[b, qi.clamp(max=qmax)])
+        kp = kv_pos[b, h, ki.clamp(max=kmax)] if kv_pos.dim() == 3 else kv_pos[b, ki.clamp(max=kmax)]
+        return (kp >= 0) & (kp <= q_pos[b, qi % T])
     return mask_mod
 
 
@@ -196,13 +235,13 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor, rows=slice(None), kv_len=None):
-        """Write k, v [B', T, H_kv, D] at input_pos [B', T] of `rows` (a slice of the batch);
-        -> (k, v, None): the slots a query may read (the first kv_len: prefill reads no further)."""
-        kc, vc = self.k[rows], self.v[rows]
-        b = torch.arange(k.shape[0], device=k.device)[:, None]
-        kc[b, :, input_pos] = k
-        vc[b, :, input_pos] = v
-        return kc[:, :, :kv_len], vc[:, :, :kv_len], None
+        """Write k, v [B', T, H_kv, D] at input_pos [B', T] of `rows` (a slice of the batch or an
+        index tensor [B']); -> (k, v, None): the slots a query may read (the first kv_len: prefill
+        reads no further)."""
+        r = torch.arange(self.k.shape[0], device=k.device)[rows][:, None]
+        self.k[r, :, input_pos] = k
+        self.v[r, :, input_pos] = v
+        return self.k[rows][:, :, :kv_len], self.v[rows][:, :, :kv_len], None  # a slice: views
 
 
 class WindowCache(nn.Module):
@@ -228,22 +267,19 @@ class WindowCache(nn.Module):
         return torch.where(input_pos < self.sink, input_pos, ring)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor, rows=slice(None)):
-        kc, vc, pc = self.k[rows], self.v[rows], self.pos[rows]
-        b = torch.arange(k.shape[0], device=k.device)[:, None]
-        s = self.slot(input_pos)
-        kc[b, :, s] = k
-        vc[b, :, s] = v
-        pc[b, s] = input_pos
-        return kc, vc, pc
+        r, s = torch.arange(self.k.shape[0], device=k.device)[rows][:, None], self.slot(input_pos)
+        self.k[r, :, s] = k
+        self.v[r, :, s] = v
+        self.pos[r, s] = input_pos
+        return self.k[rows], self.v[rows], self.pos[rows]
 
     def fill(self, full: KVCache, length: Tensor, rows=slice(None)):
         """The sinks and the last `window` positions below each row's `length` [B'] from `full`;
         full=None empties the rows (a draft model then prefills them itself)."""
-        kc, vc, pc = self.k[rows], self.v[rows], self.pos[rows]
         if full is None:
-            pc.fill_(-1)
+            self.pos[rows] = -1
             return
-        B, H, _, D = kc.shape
+        B, H = length.shape[0], self.k.shape[1]
         last = length[:, None] - 1 - self.sink
         j = torch.arange(self.window, device=length.device)
         # newest position p >= sink with ring slot j and p <= length - 1
@@ -251,23 +287,12 @@ class WindowCache(nn.Module):
         ring = torch.where(ring >= self.sink, ring, -1)
         sinks = torch.arange(self.sink, device=length.device).expand(B, -1)
         pos = torch.cat((torch.where(sinks < length[:, None], sinks, -1), ring), dim=1)
-        idx = pos.clamp(min=0)[:, None, :, None].expand(B, H, -1, D)
-        kc.copy_(full.k[rows].gather(2, idx))
-        vc.copy_(full.v[rows].gather(2, idx))
-        pc.copy_(pos)
+        r = torch.arange(full.k.shape[0], device=length.device)[rows][:, None, None]
+        at = (r, torch.arange(H, device=length.device)[None, :, None], pos.clamp(min=0)[:, None, :])
+        self.k[rows], self.v[rows], self.pos[rows] = full.k[at], full.v[at], pos  # [B', H, sink + window, D]
 
 
 # ----------------------------------------------------------------------------------------- model
-@dataclass
-class CacheArgs:
-    """Which caches one forward reads and writes; built once per forward, read by every layer."""
-    draft: bool = False  # read and write the draft cache instead of the full cache
-    to_draft: bool = False  # also write the new K/V into the draft cache (verification's hand-off)
-    rows: slice = field(default_factory=lambda: slice(None))  # the rows of the caches' batch that this forward's rows are (a refill)
-    kv_len: int | None = None  # full-cache slots the queries may read (a prefill chunk: no further)
-    flex: bool = False  # FlexAttention or SDPA (see attend)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -303,7 +328,7 @@ class Attention(nn.Module):
             k_all, v_all, kv_pos = self.kv_cache.update(input_pos, k, v, c.rows, c.kv_len)
         if c.to_draft:  # verification hands its (target-quality) K/V to the draft cache
             self.draft_cache.update(input_pos, k, v, c.rows)
-        y = attend(q.transpose(1, 2), k_all, v_all, input_pos, kv_pos, c.flex)
+        y = attend(q.transpose(1, 2), k_all, v_all, input_pos, kv_pos, c)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -391,17 +416,22 @@ class Transformer(nn.Module):
         self.batch_size = self.max_seq_len = -1
 
     def forward(self, idx: Tensor, input_pos: Tensor, draft=False, to_draft=False, rows=slice(None), kv_len=None,
-                flex=False, logits=True) -> Tensor | None:
-        """idx, input_pos: [B', T] tokens at per-row positions of `rows` (a slice of the cache's batch)
+                flex=False, logits: bool | str = True) -> Tensor | None:
+        """idx, input_pos: [B', T] tokens at per-row positions of `rows` (a slice of the caches' batch
+        or an index tensor [B'])
         -> logits [B', T, V] (under tensor parallelism: this rank's slice of the vocabulary).
         draft: read/write the draft cache instead of the full cache; to_draft: also write the draft
-        cache; kv_len: the full cache's slots the queries may read (prefill); flex: see attend."""
+        cache; kv_len: the full cache's slots the queries may read (a prefill chunk: every row's
+        queries at the same positions); flex: see attend; logits: False (none), "last" (the last
+        position's only, [B', 1, V])."""
         c = CacheArgs(draft, to_draft, rows, kv_len, flex)
         cos, sin = self.cos[input_pos][:, :, None], self.sin[input_pos][:, :, None]
         x = self.tok_embeddings(idx)
         for b in self.layers:
             x = b(x, cos, sin, input_pos, c)
-        return self.output(self.norm(x)) if logits else None
+        if not logits:
+            return None
+        return self.output(self.norm(x[:, -1:] if logits == "last" else x))
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", dtype=None) -> "Transformer":

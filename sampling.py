@@ -116,47 +116,87 @@ class LineFit:
 
 
 class AutoGamma:
-    """--gamma auto: before each step, the gamma (0 = no speculation) with the most expected
-    tokens per second, E(alpha, g) / (g * t_draft + t_verify(g)). alpha is the acceptance measured
-    so far (accepted / (accepted + rejected), the geometric model's estimate); t_draft and
-    t_verify(g) = v0 + v1 * g are fitted to this run's own step times, exponentially weighted so
-    they follow the growing context. A few steps explore other gammas to keep the fit alive."""
+    """--gamma auto: before each step, the gamma (0 = a plain decoding step) with the most expected
+    tokens per second, E(alpha, g) / (g * t_draft + t_verify(g)), from this run's own measurements:
+    alpha = accepted / (accepted + rejected) drafts, t_draft per draft forward, and the line
+    t_verify(g) = v0 + v1 * g (a verify step with its acceptance and commit), all exponentially
+    weighted so that they follow the growing context.
 
-    def __init__(self, gammas=AUTO_GAMMAS, decay=0.95, explore_every=16, group=None, device=None):
-        self.gammas, self.decay, self.explore_every = gammas, decay, explore_every
+    Exploration is cheap and rare. A plain step and a gamma = 1 step first (the cheapest speculative
+    step: it measures the draft's cost, a verify slope and the acceptance); then, every `gap`
+    steps, one step of a neighbour of the best gamma. The gap doubles while probes leave the best
+    unchanged (quadruples while gamma = 0 wins by more than `margin`), up to `max_gap`, and falls
+    back to `min_gap` when a probe changes the choice. While the draft window holds every row's
+    whole context (`covered`: the draft reads what the target reads, so a draft step costs a plain
+    one) it does not speculate at all, and starts exploring when the context outgrows the window."""
+
+    def __init__(self, gammas=AUTO_GAMMAS, decay=0.95, min_gap=16, max_gap=128, margin=0.25, group=None,
+                 device=None):
+        self.gammas, self.decay, self.min_gap, self.max_gap, self.margin = gammas, decay, min_gap, max_gap, margin
         self.group, self.device = group, device  # a tensor-parallel group follows its first rank
-        self.seed = [g for g in (1, 0, 2) if g in gammas]  # cheap first steps that spread the fit
         self.accepted, self.rejected = 1.0, 1.0  # a uniform prior
         self.t_draft = None
         self.verify = LineFit()
         self.steps = 0
+        self.gap, self.next_probe, self.probes = min_gap, 0, 0
+        self.probe = None  # the gamma probed, while its times are still to come
+        self.best = 0
         self.used = {}
 
     def rates(self) -> dict[int, float]:
         alpha = self.accepted / (self.accepted + self.rejected)
         v0, v1 = self.verify.line()
-        return {g: expected_tokens(alpha, g) / max(g * (self.t_draft or 0.0) + v0 + v1 * g, 1e-9)
+        return {g: expected_tokens(alpha, g) / max(g * (self.t_draft or 0.0) + v0 + v1 * g, 1e-12)
                 for g in self.gammas}
 
-    def choose(self) -> int:
-        if self.steps < len(self.seed):
-            g = self.seed[self.steps]
-        else:
-            (g, best), (g2, second) = sorted(self.rates().items(), key=lambda kv: -kv[1])[:2]
-            if self.steps % self.explore_every == 0 and second > 0.5 * best:  # refresh the fit
-                g = g2
+    def choose(self, covered: bool = False) -> int:
+        """The gamma of the next step. covered: every live row's context fits the draft window."""
+        if covered:
+            g = 0
+            self.next_probe = self.steps  # explore as soon as the context outgrows the window
+        elif self.probe is None and (self.t_draft is None or self.steps >= self.next_probe):
+            if self.t_draft is None and 0 in self.gammas and 0 not in self.used:
+                g = 0  # the cold start: a plain step, then gamma 1 as the first probe
+            elif self.t_draft is None:
+                g = min(x for x in self.gammas if x)
+            else:  # a neighbour of the best, below and above in turn
+                i = self.gammas.index(self.best)
+                g = self.gammas[i - 1 if (self.probes % 2 and i > 0) or i == len(self.gammas) - 1 else i + 1]
+                self.probes += 1
+            self.probe, self.probe_step = (g if g else None), self.steps
+        else:  # (with a probe's times still to come, the best)
+            g = self.best
         if self.group is not None:  # ranks time differently but must run the same step
             t = torch.tensor([g], device=self.device)
             torch.distributed.broadcast(t, torch.distributed.get_global_rank(self.group, 0), self.group)
             g = int(t)
         self.used[g] = self.used.get(g, 0) + 1
+        self.steps += 1
         return g
 
-    def update(self, g, t_draft, t_verify, accepted: list[int]):
-        self.steps += 1
+    def update(self, g: int, accepted: int, rejected: int):
+        """A step's drafts accepted and rejected (summed over its live rows)."""
+        if g:
+            d = self.decay
+            self.accepted, self.rejected = d * self.accepted + accepted, d * self.rejected + rejected
+
+    def timed(self, g: int, t_draft: float, t_verify: float):
+        """A step's times (on CUDA they arrive a step late): its g draft forwards, and its verify
+        with acceptance and commit. The best gamma is re-chosen; after a probe the gap moves."""
         self.verify.add(g, t_verify, self.decay)
         if g:
             d = t_draft / g
             self.t_draft = d if self.t_draft is None else self.decay * self.t_draft + (1 - self.decay) * d
-            self.accepted += sum(accepted)
-            self.rejected += sum(a < g for a in accepted)
+        if self.t_draft is None:
+            return
+        rates = self.rates()
+        best = max(rates, key=rates.get)
+        if self.probe is not None and g == self.probe:
+            if best != self.best:
+                self.gap = self.min_gap
+            else:
+                runner_up = max(r for x, r in rates.items() if x != best)
+                wide = best == 0 and runner_up < (1 - self.margin) * rates[0]
+                self.gap = min(self.max_gap, self.gap * (4 if wide else 2))
+            self.next_probe, self.probe = self.probe_step + self.gap, None
+        self.best = best

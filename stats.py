@@ -11,7 +11,7 @@ from torch import Tensor
 from model import BLOCK, ModelArgs, UsageError
 
 PREFILL_TOKENS = 8192  # tokens per prefill forward across the batch: bounds the activations
-PREFILL_SCORES = 1 << 28  # attention scores per prefill forward (B * heads * chunk * S): bounds the workspace
+PREFILL_MASK = 1 << 26  # elements of a prefill chunk's causal mask (G * chunk * S, shared by the rows)
 
 
 def cache_len(max_len: int, gmax: int) -> int:
@@ -20,10 +20,11 @@ def cache_len(max_len: int, gmax: int) -> int:
     return -(-(max_len + gmax) // BLOCK) * BLOCK
 
 
-def prefill_chunk(B: int, S: int, n_heads: int) -> int:
-    """Tokens per row per prefill forward: shrinks with the context so that the [B, heads, chunk, S]
-    attention scores stay under PREFILL_SCORES."""
-    return max(1, min(512, PREFILL_TOKENS // B, PREFILL_SCORES // (B * n_heads * S)))
+def prefill_chunk(B: int, S: int, G: int) -> int:
+    """Tokens per row per prefill forward. Prefill attention builds no score tensor (model.attend:
+    SDPA's fused kernels with one causal mask for all rows), so a chunk is bounded by the batch's
+    activations (PREFILL_TOKENS) and the mask of its G * chunk folded query rows over S slots."""
+    return max(1, min(PREFILL_TOKENS // B, PREFILL_MASK // (G * S)))
 
 
 def param_bytes(model) -> int:
@@ -40,7 +41,7 @@ def weight_bytes(cfg: ModelArgs, elem: int, tp_size: int = 1) -> int:
 def memory_plan(cfg: ModelArgs, B: int, S: int, elem: int, *, tp_size: int = 1, gmax: int = 0,
                 window: int = 0, draft_cfg: ModelArgs | None = None, weights: int | None = None) -> dict:
     """Bytes one rank needs: weights, the full KV cache, the draft cache, and the largest workspace
-    (a prefill chunk's attention scores and activations, or a verify step's fp32 logits and
+    (a prefill chunk's activations and causal mask, or a verify step's fp32 logits and
     probabilities). The draft cache: a window of `window` slots per row (of draft_cfg's model, or of
     the target's), else draft_cfg's full cache. weights: the loaded models' bytes (default: from the
     configs)."""
@@ -49,9 +50,9 @@ def memory_plan(cfg: ModelArgs, B: int, S: int, elem: int, *, tp_size: int = 1, 
     if weights is None:
         weights = weight_bytes(cfg, elem, tp_size) + (weight_bytes(draft_cfg, elem, tp_size) if draft_cfg else 0)
     draft_slots = window or (S if draft_cfg is not None else 0)
-    chunk = prefill_chunk(B, S, cfg.n_heads)
-    heads = -(-cfg.n_heads // tp_size)
-    prefill = B * chunk * (2 * heads * S * 4 + (6 * cfg.dim + 3 * cfg.intermediate_size) * elem)
+    G = cfg.n_heads // cfg.n_kv_heads
+    chunk = prefill_chunk(B, S, G)
+    prefill = B * chunk * (6 * cfg.dim + 3 * cfg.intermediate_size) * elem + G * chunk * S * (1 + elem)  # + the mask
     vocab = -(-cfg.vocab_size // tp_size)
     verify = 4 * B * (gmax + 1) * vocab * 4  # logits, probabilities, random numbers, residual
     return {"weights": weights, "kv_cache": B * S * cfg.kv_bytes_per_token(elem, kvh),
@@ -112,28 +113,48 @@ class Counters:
 
 
 class Timer:
-    """Phase times without host syncs: CUDA events are read once, at the end."""
+    """Phase times of every step without extra host syncs: perf_counter on the CPU (where a step's
+    ops run synchronously); on CUDA one event per phase boundary, two sets used in turn, so a
+    step's events are read after the next step's one sync, when they are complete."""
+    PHASES = ("draft", "verify", "host")  # draft forwards; verify forward + acceptance; commit + counts
 
     def __init__(self, device):
         self.cuda = device.type == "cuda"
-        self.marks = []
+        self.total = dict.fromkeys(self.PHASES, 0.0)
+        n = len(self.PHASES) + 1
+        self.sets = [[torch.cuda.Event(enable_timing=True) for _ in range(n)] for _ in range(2)] if self.cuda \
+            else [[0.0] * n]
+        self.tags, self.cur, self.pending = [None] * len(self.sets), 0, None
 
-    def mark(self, name):
+    def mark(self, i: int):
         if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            self.marks.append((name, e))
+            self.sets[self.cur][i].record()
         else:
-            self.marks.append((name, time.perf_counter()))
+            self.sets[0][i] = time.perf_counter()
 
-    def totals(self) -> dict:
-        out = {}
-        if self.cuda and self.marks:
-            self.marks[-1][1].synchronize()
-        for (name, t0), (_, t1) in zip(self.marks, self.marks[1:]):
-            if name != "end":
-                out[name] = out.get(name, 0.0) + (t0.elapsed_time(t1) / 1e3 if self.cuda else t1 - t0)
-        return out
+    def end_step(self, tag=None):
+        """At the end of a step (after its sync): -> (tag, {phase: seconds}) of the latest step
+        whose times are known (this one on the CPU, the one before on CUDA), or None."""
+        self.tags[self.cur] = tag
+        if not self.cuda:
+            return tag, self._add(0)
+        done, self.pending, self.cur = self.pending, self.cur, self.cur ^ 1
+        return None if done is None else (self.tags[done], self._add(done))
+
+    def flush(self):
+        """The last step's times on CUDA (one sync, at the end of a run); -> as end_step."""
+        if not self.cuda or self.pending is None:
+            return None
+        done, self.pending = self.pending, None
+        self.sets[done][-1].synchronize()
+        return self.tags[done], self._add(done)
+
+    def _add(self, i: int) -> dict:
+        m = self.sets[i]
+        t = [(m[j].elapsed_time(m[j + 1]) / 1e3) if self.cuda else m[j + 1] - m[j] for j in range(len(m) - 1)]
+        for name, x in zip(self.PHASES, t):
+            self.total[name] += x
+        return dict(zip(self.PHASES, t))
 
 
 def summarize(s: dict) -> dict:
@@ -142,6 +163,7 @@ def summarize(s: dict) -> dict:
     s |= {
         "seconds": s["prefill_seconds"] + s["decode_seconds"],
         "tokens_per_second": gen / max(s["decode_seconds"], 1e-9),  # decode throughput
+        "end_to_end_tokens_per_second": gen / max(s["prefill_seconds"] + s["decode_seconds"], 1e-9),
         "bandwidth_gb_s": s["bytes_read"] / max(s["decode_seconds"], 1e-9) / 1e9,
         "mean_accepted": gen / max(s["row_steps"], 1),  # tokens committed per row per verify step
     }
@@ -157,7 +179,7 @@ def merge_stats(parts: list[dict]) -> dict:
     if len(parts) == 1:
         return summarize(parts[0])
     m = {k: max(p[k] for p in parts) for k in ("prefill_seconds", "decode_seconds", "draft_seconds",
-                                                "verify_seconds", "verify_steps", "draft_forwards",
+                                                "verify_seconds", "host_seconds", "verify_steps", "draft_forwards",
                                                 "compiled_graphs", "compile_seconds")}
     for k in ("prompts", "generated_tokens", "row_steps", "drafts_proposed"):
         m[k] = sum(p[k] for p in parts)
@@ -174,7 +196,8 @@ def merge_stats(parts: list[dict]) -> dict:
 def stats_line(s: dict, B: int) -> str:
     line = (f"stats: B={B} {s['generated_tokens']} tokens in {s['seconds']:.2f} s | prefill "
             f"{s['prefill_seconds']:.2f} s | decode {s['decode_seconds']:.2f} s, "
-            f"{s['tokens_per_second']:.1f} tok/s, {s['bandwidth_gb_s']:.1f} GB/s")
+            f"{s['tokens_per_second']:.1f} tok/s, {s['bandwidth_gb_s']:.1f} GB/s | end to end "
+            f"{s['end_to_end_tokens_per_second']:.1f} tok/s")
     if "acceptance_rate" in s:
         by_pos = " ".join(f"{x:.2f}" for x in s["acceptance_by_position"])
         line += (f" | {s['verify_steps']} verify steps, {s['mean_accepted']:.2f} tokens/step, "

@@ -47,7 +47,8 @@ DEFAULTS = {"batch_size": [1, 8, 32], "prompt_len": [2048, 6144], "budget": [256
 QUICK = {"batch_size": [1, 4], "prompt_len": [512, 1024], "budget": [64], "gamma": [2, 4, "auto"],
          "max_new_tokens": 32, "repeats": 2, "warmup": 1}
 AR = ("ar", 0, None)  # a config: (method, gamma, budget)
-FIELDS = ("tokens_per_second", "latency_ms", "speedup", "vs_hf", "acceptance_rate", "mean_accepted",
+FIELDS = ("tokens_per_second", "latency_ms", "speedup", "forward_speedup", "loop_overhead", "vs_hf",
+          "acceptance_rate", "mean_accepted",
           "acceptance_by_position", "gamma_used", "lossless", "decode_step_s", "draft_forward_s", "verify_step_s",
           "compiled_graphs", "compile_seconds", "attention")
 
@@ -80,6 +81,8 @@ def parse_args(argv):
     add("--quick", action="store_true", help="small CPU preset: " + " ".join(
         f"--{k} {fmt(v)}" for k, v in QUICK.items()) + " (given flags win)")
     add("--no_plots", action="store_true", help="do not draw the PNG plots")
+    add("--time_limit", type=float, help="seconds: do not start a shape that would end past them (judged by the "
+        "slowest shape so far); the shapes left are named in a note and on stderr")
     a = ap.parse_args(argv)
     for k, v in DEFAULTS.items():
         if getattr(a, k) is None:
@@ -242,9 +245,14 @@ def summarize_runs(c, runs: list[dict], ar_runs: list[dict] | None, B: int, call
            "generated_tokens": runs[0]["generated_tokens"], "verify_steps": med(lambda s: s["verify_steps"]),
            "compiled_graphs": sum(s["compiled_graphs"] for s in calls),
            "compile_seconds": sum(s["compile_seconds"] for s in calls), "attention": calls[0]["attention"]}
+    fwd = lambda s: (s["draft_seconds"] + s["verify_seconds"]) / max(s["verify_steps"], 1)  # the forwards of a step
+    row["loop_overhead"] = med(lambda s: s["decode_seconds"] / max(s["draft_seconds"] + s["verify_seconds"], 1e-9) - 1)
     if ar_runs:
         row["speedup"] = statistics.median(s["tokens_per_second"] / r["tokens_per_second"]
                                            for s, r in zip(runs, ar_runs))
+        # what the forwards alone predict: tokens per row per step over the forwards' time, against plain decoding's
+        row["forward_speedup"] = statistics.median(s["generated_tokens"] / max(s["row_steps"], 1) * fwd(r) / fwd(s)
+                                                   for s, r in zip(runs, ar_runs))
     if c[0] == "ar":
         return row | {"decode_step_s": med(lambda s: s["decode_seconds"] / s["verify_steps"])}
     m = stats.merge_stats(runs)  # the repeats' counts summed: acceptance over all of them
@@ -423,10 +431,13 @@ def markdown(p: dict) -> str:
     if p["lossless_all"] is False:
         lines += ["", "**LOSSLESS CHECK FAILED: some greedy speculative runs differ from plain decoding (NO below).**"]
     lines += ["", "tok/s: decode throughput over the batch; speedup: vs plain decoding (AR) in the same repeat; "
+                  "from forwards: the speedup the draft and verify forwards alone predict (tokens per step over their "
+                  "time, against AR's forward); loop: the run's decode time beyond its forwards; "
                   "vs HF: vs transformers generate (static cache); latency: ms per token of one row; "
                   "acceptance: accepted / proposed drafts; mean acc.: tokens per row per verify step.", "",
-              "| length | batch | method | gamma | budget | tok/s | speedup vs AR | vs HF | latency ms/token "
-              "| acceptance | mean acc. | lossless | notes |", "|---:|---:|---|---|---:" + "|---:" * 6 + "|---|---|"]
+              "| length | batch | method | gamma | budget | tok/s | speedup vs AR | from forwards | loop | vs HF "
+              "| latency ms/token | acceptance | mean acc. | lossless | notes |", "|---:|---:|---|---|---:" + "|---:" * 8
+              + "|---|---|"]
     for r in p["results"]:
         notes = [f"skipped: {r['skipped']}"] if r["skipped"] else []
         if r.get("hf_agreement") is not None:
@@ -440,6 +451,8 @@ def markdown(p: dict) -> str:
         lines.append(
             f"| {r['prompt_len']} | {r['batch_size']} | {r['method']} | {_f(r['gamma'], '', '')} | "
             f"{_f(r['budget'], '', '')} | {_f(r['tokens_per_second'])} | {_f(r['speedup'], '.2f')} | "
+            f"{_f(r['forward_speedup'], '.2f')} | {_f(r['loop_overhead'] and 100 * r['loop_overhead'], '.1f')}"
+            f"{'%' if r['loop_overhead'] is not None else ''} | "
             f"{_f(r['vs_hf'], '.2f')} | {_f(r['latency_ms'])} | {_f(r['acceptance_rate'], '.2f')} | "
             f"{_f(r['mean_accepted'], '.2f')} | {lossless} | {'; '.join(notes)} |")
     return "\n".join(lines) + "\n"
@@ -505,13 +518,22 @@ def main(argv=None) -> int:
     name = re.sub(r"[^a-z0-9]+", "-", machine_info(device, bench.dtype)["name"].lower()).strip("-") or "device"
     out = Path(a.out or ROOT / "benchmarks" / name)
     a.out = str(out)
+    slowest, left = 0.0, []
     with tqdm(total=len(a.prompt_len) * len(a.batch_size), unit="shape", file=sys.stderr, dynamic_ncols=True) as bar:
         for L in a.prompt_len:
             for B in a.batch_size:
+                if a.time_limit and time.perf_counter() - t0 + slowest > a.time_limit:
+                    left.append(f"L={L} B={B}")
+                    continue
                 bar.set_description(f"L={L} B={B}")
+                ts = time.perf_counter()
                 bench.run_shape(L, B, bar)
+                slowest = max(slowest, time.perf_counter() - ts)
                 bench.write(out)  # what an interrupted sweep finished survives
                 bar.update()
+    if left:
+        bench.notes.append(f"not run within --time_limit {a.time_limit:g} s: {', '.join(left)}")
+        print(f"note: not run within --time_limit {a.time_limit:g} s: {', '.join(left)}", file=sys.stderr)
     bench.notes.append(f"sweep wall time {time.perf_counter() - t0:.0f} s")
     plots = bench.write(out, plots=not a.no_plots)
     print((out / "results.md").read_text())

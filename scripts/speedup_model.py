@@ -54,6 +54,12 @@ MODELS = {
                               vocab_size=128256, max_seq_len=131072),
     "tinyllama-1.1b": ModelArgs(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, intermediate_size=5632,
                                 vocab_size=32000, max_seq_len=2048),
+    "llama-2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, intermediate_size=11008,
+                            vocab_size=32000, max_seq_len=4096),
+    "llama-3.1-70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672,
+                               vocab_size=128256, max_seq_len=131072, rope_base=500000.0),
+    "smollm2-135m": ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, intermediate_size=1536,
+                              vocab_size=49152, max_seq_len=8192, rope_base=100000.0, tie_embeddings=True),
 }
 ELEM = {"bfloat16": 2, "float16": 2, "float32": 4}
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import BLOCK, KVCache, WindowCache, attend, block_mask
+from model import BLOCK, CacheArgs, KVCache, WindowCache, attend, block_mask
 
 
 def reference(q, k, v, q_pos, kv_pos):
@@ -54,9 +54,9 @@ CASES = [(full_case, 1, 1), (full_case, 3, 5), (full_case, 8, BLOCK + 2),
 def test_attention_backends_match_the_reference(make, G, T):
     q, k, v, q_pos, kv_pos = make(G, T)
     ref = reference(q, k, v, q_pos, kv_pos)
-    torch.testing.assert_close(attend(q, k, v, q_pos, kv_pos, flex=False), ref, rtol=1e-5, atol=1e-5)
-    flex = torch.compile(attend, fullgraph=True, dynamic=False)
-    torch.testing.assert_close(flex(q, k, v, q_pos, kv_pos, True), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attend(q, k, v, q_pos, kv_pos, CacheArgs()), ref, rtol=1e-5, atol=1e-5)
+    flex = torch.compile(lambda *a: attend(*a, CacheArgs(flex=True)), fullgraph=True, dynamic=False)
+    torch.testing.assert_close(flex(q, k, v, q_pos, kv_pos), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_block_mask_reads_each_rows_own_blocks():
@@ -68,3 +68,56 @@ def test_block_mask_reads_each_rows_own_blocks():
     assert bm.kv_num_blocks.flatten().tolist() == [1, 2, 6]
     kv_pos = torch.full((3, 2 * BLOCK), -1)
     assert block_mask(q_pos, kv_pos, 2 * BLOCK).kv_num_blocks.flatten().tolist() == [2, 2, 2]  # a window: whole
+
+
+@pytest.mark.parametrize("G,T,start", [(3, 7, 0), (8, 40, 200), (1, 130, 90)])
+def test_prefill_chunk_attention_matches_the_reference(G, T, start):
+    """A prefill chunk (every row's queries at positions start..start+T-1, reading the first
+    start+T slots) takes one causal mask broadcast over the rows; per row it is the reference."""
+    torch.manual_seed(G)
+    B, Hkv, D = 3, 2, 32
+    S = start + T
+    q, k, v = torch.randn(B, Hkv * G, T, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    q_pos = (start + torch.arange(T)).expand(B, -1)
+    c = CacheArgs(kv_len=S)
+    torch.testing.assert_close(attend(q, k, v, q_pos, None, c), reference(q, k, v, q_pos, None), rtol=1e-5, atol=1e-5)
+    assert c.masks["prefill"].shape == (1, 1, G * T, S)  # one mask for every row and layer
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (32, 8), (64, 8)], ids=["smollm2-135m", "llama-3.1-8b", "llama-3.1-70b"])
+def test_flex_attention_gets_the_decoding_kernels_layout(heads, kv_heads, monkeypatch):
+    """Inductor's split-KV decoding kernel (torch/_inductor/kernel/flex/flex_decoding.py,
+    _use_flex_decoding) needs a query length below 128, static batch and heads, a block mask with
+    head dimension 1 under GQA, and H_q / H_kv a power of two. The decode, verify (every gamma
+    --gamma auto may pick, up to 6) and draft steps of these head layouts hand flex_attention
+    exactly that: the G query heads of a KV group folded into the query axis (ratio 1, G*T rows)."""
+    import generate as gen
+    import model as M
+    from cli import Request
+    from sampling import AUTO_GAMMAS
+
+    from torch.nn.attention.flex_attention import flex_attention as real
+
+    seen = []
+
+    def spy(q, k, v, block_mask=None, **kw):
+        seen.append((tuple(q.shape), tuple(k.shape), tuple(block_mask.kv_num_blocks.shape), kw))
+        return real(q, k, v, block_mask=block_mask, **kw)
+
+    monkeypatch.setattr(M, "flex_attention", spy)
+    torch.manual_seed(0)
+    args = M.ModelArgs(dim=8 * heads, n_layers=1, n_heads=heads, n_kv_heads=kv_heads, head_dim=16, vocab_size=64,
+                       intermediate_size=32, max_seq_len=512)
+    model = M.Transformer(args).eval()
+    dec = gen.Decoder(model, 2, 300, 8, gamma="auto", budget=40, sink=4, attention="flex")  # eager FlexAttention
+    with torch.no_grad():
+        dec.prefill([0, 1], [Request([t % 64 for t in range(1, 60)], 8), Request([t % 64 for t in range(1, 200)], 8)])
+        seen.clear()  # the prefill's forwards: dense SDPA, not flex, but kept out of the count anyway
+        for g in AUTO_GAMMAS:
+            dec.speculate(g)
+    G = heads // kv_heads
+    assert len(seen) == sum(g + 1 for g in AUTO_GAMMAS)  # every draft and verify forward, one layer each
+    for q, k, bm, kw in seen:
+        assert q[0] == k[0] == 2 and q[1] == k[1] == kv_heads  # one query head per KV head: ratio 1
+        assert q[2] % G == 0 and q[2] // G <= max(AUTO_GAMMAS) + 1 and q[2] < 128
+        assert bm[:2] == (2, 1) and not kw.get("enable_gqa")

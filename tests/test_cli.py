@@ -36,7 +36,8 @@ def test_json_contract_and_prompt_sources(default_ckpt, tmp_path):
                  "draft_budget", "sink", "gamma"):
         assert flag in j["config"]
     assert j["config"]["batch_size"] == 6 and j["config"]["gamma"] == 3
-    for key in ("generated_tokens", "seconds", "tokens_per_second", "prefill_seconds", "decode_seconds",
+    for key in ("generated_tokens", "seconds", "tokens_per_second", "end_to_end_tokens_per_second",
+                "prefill_seconds", "decode_seconds",
                 "bandwidth_gb_s", "verify_steps", "mean_accepted", "acceptance_rate", "acceptance_by_position",
                 "draft_seconds", "verify_seconds"):
         assert key in j["stats"]

@@ -110,40 +110,20 @@ def test_gamma_auto_is_exact(real, ar64):
     assert sum(stats["gamma_used"].values()) == stats["verify_steps"]
 
 
-@pytest.mark.parametrize("alpha,t_draft,t_verify,best", [
-    (0.9, 0.05, lambda g: 1.0, 6),  # cheap drafts, good acceptance: draft the most
-    (0.3, 1.0, lambda g: 1.0, 0),  # drafts cost a full step and fail: do not speculate
-    (0.8, 0.1, lambda g: 1.0 + 0.5 * g, 1),  # verification that grows with gamma (compute-bound)
-])
-def test_auto_gamma_follows_its_model(alpha, t_draft, t_verify, best):
-    """Fed synthetic step times and acceptance, AutoGamma settles on the gamma that the expected-
-    tokens-per-second model says is best, and ranks the others by the same model."""
-    import random
-
-    from sampling import AutoGamma, expected_tokens
-
-    rng = random.Random(0)
-    auto = AutoGamma()
-    for _ in range(200):
-        g = auto.choose()
-        accepted = [next(i for i in range(g + 1) if i == g or rng.random() > alpha) for _ in range(64)]
-        auto.update(g, g * t_draft, t_verify(g), accepted)
-    rates = auto.rates()
-    want = {g: expected_tokens(alpha, g) / (g * t_draft + t_verify(g)) for g in rates}
-    assert max(rates, key=rates.get) == best == max(want, key=want.get)
-    assert max(auto.used, key=auto.used.get) == best
-
-
-def test_prefill_chunk_shrinks_with_the_context_and_is_exact(real, ar64, monkeypatch):
+def test_prefill_chunks_are_long_and_exact(real, ar64, monkeypatch):
+    """Prefill attention builds no score tensor, so a chunk is bounded by the batch's activations
+    and its one shared causal mask, not by B x heads x chunk x S scores: at 64 rows of 8K context a
+    LLaMA-3.1-8B-shaped prefill (G = 4) runs 128 tokens per row per forward (the score bound gave
+    16). Tiny chunks give the same tokens."""
     import stats
 
-    for B, S, H in ((1, 1024, 9), (8, 8192, 32), (64, 32768, 4), (256, 131072, 32)):
-        c = stats.prefill_chunk(B, S, H)
-        assert c == 1 or B * H * c * S <= stats.PREFILL_SCORES
-        assert stats.prefill_chunk(B, 2 * S, H) <= c
+    assert stats.prefill_chunk(64, 8192, 4) == 128 and stats.prefill_chunk(1, 32768, 4) == 512
+    for B, S, G in ((1, 1024, 3), (8, 8192, 4), (64, 32768, 8), (256, 131072, 4)):
+        c = stats.prefill_chunk(B, S, G)
+        assert c == 1 or (B * c <= stats.PREFILL_TOKENS and G * c * S <= stats.PREFILL_MASK)
     model, _, prompts = real
-    monkeypatch.setattr(stats, "PREFILL_SCORES", len(prompts) * 9 * 128 * 3)  # 3 tokens per chunk
-    assert stats.prefill_chunk(len(prompts), 128, 9) == 3
+    monkeypatch.setattr(stats, "PREFILL_TOKENS", 3 * len(prompts))  # 3 tokens per chunk
+    assert stats.prefill_chunk(len(prompts), 128, 3) == 3
     assert generate(model, prompts, 64)[0] == ar64
 
 

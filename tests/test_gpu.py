@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import generate as gen
 import stats
 from generate import generate
 from model import ModelArgs, Transformer
 from tokenizer import load_tokenizer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 TIE = {torch.float32: 1e-3, torch.bfloat16: 5e-2}  # relative top-two gap that counts as a near-tie
 TEXTS = ["The history of the printing press begins in the fifteenth century, when",
          "Photosynthesis is the process by which green plants", "Once upon a time",
@@ -81,11 +83,16 @@ def test_near_tie_rule_on_cpu():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA says")
-def test_gpu_check_without_cuda_says_so_in_one_line(tmp_path):
+def test_gpu_check_without_cuda_says_so(tmp_path, default_ckpt):
+    """A stage on a machine without CUDA: its preflight line names the GPU (and only it: the rest is
+    here), then one line says there is nothing to run; exit 1, nothing written."""
     p = subprocess.run(["bash", "scripts/gpu_check.sh", "1"], cwd=Path(__file__).resolve().parents[1], text=True,
-                       capture_output=True, env={**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)})
-    assert p.returncode == 1 and (p.stdout + p.stderr).splitlines() == [
-        "gpu_check: no CUDA device here (torch.cuda.is_available() is False); nothing to check"]
+                       capture_output=True, env={**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path),
+                                                 "CKPT": str(default_ckpt), "PROMPT_FILE": "README.md"})
+    lines = (p.stdout + p.stderr).splitlines()
+    assert p.returncode == 1 and len(lines) == 2, lines
+    assert lines[0].startswith("gpu_check: preflight: missing: a CUDA device;") and lines[0].count("missing") == 1
+    assert lines[1] == "gpu_check: no CUDA device here: nothing to run"
     assert not any(tmp_path.iterdir())  # nothing written
 
 
@@ -131,3 +138,23 @@ def test_bf16_compiled_speculation_matches_bf16_decoding_up_to_near_ties(gpu_pro
     new, _, stats = generate(model, prompts, 64, gamma=4, budget=32, sink=16, compile=True)
     near_tie_divergences(model, prompts, ref, new, TIE[torch.bfloat16])
     assert stats["acceptance_rate"] > 0.3
+
+
+@two_gpus
+def test_tp2_compiled_keeps_cuda_graph_trees_and_the_tokens(gpu_prompts, tmp_path):
+    """--tp 2 --compile (CUDA-graph trees with the functional all-reduces inside the graphs) returns
+    one compiled process's tokens, up to near-ties (NCCL sums in another order)."""
+    import json
+
+    from test_tp import torchrun
+
+    ckpt, prompts = gpu_prompts
+    tok = load_tokenizer(ckpt)
+    argv = ["--checkpoint", str(ckpt), *sum((["--prompt", t] for t in TEXTS), []), "--max_new_tokens", "48",
+            "--gamma", "3", "--draft_budget", "32", "--sink", "16", "--compile", "--dtype", "float32"]
+    ref = [r["tokens"] for r in gen.main(argv)[0]]
+    r = torchrun(*argv, "--tp", 2, "--json", tmp_path / "tp.json", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    new = [row["tokens"] for row in json.loads((tmp_path / "tp.json").read_text())["rows"]]
+    model = Transformer.from_checkpoint(ckpt, "cuda", torch.float32)
+    near_tie_divergences(model, [tok.encode(t) for t in TEXTS], ref, new, TIE[torch.float32])

@@ -232,3 +232,34 @@ def test_self_drafting_needs_a_window(real):
     model, prompts, _ = real
     with pytest.raises(UsageError, match="self-drafting needs a window"):
         gen.Decoder(model, 2, 64, 8, gamma=2, budget=0)
+
+
+def test_rows_refilled_together_get_their_own_caches_and_leave_the_others(tiny_ckpt):
+    """Rows 0 and 2 of 4 refilled in one prefill (an index tensor, not a slice): their full caches
+    and draft windows hold what a prefill of each prompt alone writes; rows 1 and 3 are untouched."""
+    model = Transformer.from_checkpoint(tiny_ckpt)
+    torch.manual_seed(0)
+    first = [gen.Request(torch.randint(3, 400, (n,)).tolist(), 8, i) for i, n in enumerate((30, 41, 25, 37))]
+    new = [gen.Request(torch.randint(3, 400, (n,)).tolist(), 8, 9 + i) for i, n in enumerate((50, 19))]
+    dec = gen.Decoder(model, 4, 64, 8, gamma=3, budget=16, sink=2)
+    with torch.no_grad():
+        dec.prefill([0, 1, 2, 3], first)
+        for _ in range(2):
+            dec.step()
+        caches = lambda: [(b.attention.kv_cache.k.clone(), b.attention.draft_cache.k.clone(),
+                           b.attention.draft_cache.pos.clone()) for b in model.layers]
+        before = caches()
+        dec.prefill([0, 2], new)
+        after = caches()
+        alone = gen.Decoder(model, 1, 64, 8, gamma=3, budget=16, sink=2)
+        for row, req in zip((0, 2), new):
+            alone.prefill([0], [req])
+            n = len(req.tokens) - 1  # prefilled positions: all but the pending last token
+            for (k, w, p), b in zip(after, model.layers):
+                torch.testing.assert_close(k[row, :, :n], b.attention.kv_cache.k[0, :, :n], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(p[row], b.attention.draft_cache.pos[0])
+                torch.testing.assert_close(w[row], b.attention.draft_cache.k[0], rtol=1e-5, atol=1e-5)
+        for (k0, w0, p0), (k1, w1, p1) in zip(before, after):  # the other rows
+            assert torch.equal(k0[[1, 3]], k1[[1, 3]]) and torch.equal(w0[[1, 3]], w1[[1, 3]])
+            assert torch.equal(p0[[1, 3]], p1[[1, 3]])
+    assert dec.rows.pos.tolist()[0::2] == [49, 18] and not dec.rows.done[[0, 2]].any()

@@ -1,0 +1,78 @@
+"""--gamma auto's policy (sampling.AutoGamma) on synthetic step times and acceptance: it settles on
+the best gamma, 0 included, within a bounded number of steps, explores a bounded share of them,
+follows step costs that change as the context grows, and does not speculate while the draft
+window holds the whole context. No clock is read: the times are made up."""
+import random
+
+import pytest
+
+from sampling import AUTO_GAMMAS, AutoGamma
+
+
+def run(alpha, t_draft, t_verify, steps=400, covered=lambda i: False, seed=0, noise=0.05, rows=32):
+    """Feed AutoGamma a made-up run; -> (the gamma of every step, the made-up time of every step,
+    the policy). t_verify(g, i): a verify step's time at step i; acceptance per draft alpha(i)."""
+    rng, auto, gs, ts = random.Random(seed), AutoGamma(), [], []
+    for i in range(steps):
+        g = auto.choose(covered(i))
+        a = [next(j for j in range(g + 1) if j == g or rng.random() > alpha(i)) for _ in range(rows)]
+        auto.update(g, sum(a), sum(x < g for x in a))
+        td = g * t_draft * (1 + noise * rng.uniform(-1, 1))
+        tv = t_verify(g, i) * (1 + noise * rng.uniform(-1, 1))
+        auto.timed(g, td, tv)
+        gs.append(g)
+        ts.append((td + tv) / (sum(a) / rows + 1))  # seconds per token of this step
+    return gs, ts, auto
+
+
+def best_of(alpha, t_draft, t_verify):
+    """The true best: tokens per step 1 + alpha + ... + alpha^g (computed here, not by sampling.py)."""
+    rate = {g: sum(alpha ** k for k in range(g + 1)) / (g * t_draft + t_verify(g)) for g in AUTO_GAMMAS}
+    return max(rate, key=rate.get), rate
+
+
+CASES = {  # alpha, t_draft, t_verify(g): shapes of this CPU and of a GPU
+    "cheap drafts, good acceptance": (0.9, 0.05, lambda g: 1.0),  # a GPU at long context: draft the most
+    "drafts cost a step": (0.3, 1.0, lambda g: 1.0),  # never speculate
+    "compute-bound verify": (0.8, 0.1, lambda g: 1.0 + 0.5 * g),  # this CPU at 6K x 32: gamma 1
+    "compute-bound, short context": (0.8, 0.35, lambda g: 1.0 + 1.0 * g),  # this CPU at 2K: no speculation
+    "moderate": (0.75, 0.12, lambda g: 1.0 + 0.08 * g),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_it_settles_on_the_best_gamma_and_explores_little(case):
+    alpha, t_draft, t_verify = CASES[case]
+    want, rate = best_of(alpha, t_draft, t_verify)
+    gs, _, auto = run(lambda i: alpha, t_draft, lambda g, i: t_verify(g))
+    near = {g for g, r in rate.items() if r >= 0.98 * rate[want]}  # as good as the best, within 2%
+    assert auto.best in near, (auto.best, want)
+    off = [g for g in gs[20:] if g not in near]
+    assert len(off) <= 0.06 * len(gs[20:]), (len(off), off[:20])  # probes only, and few of them
+    # the expected throughput of what it chose, against always choosing the best
+    got = sum(1 / rate[g] for g in gs) / len(gs)  # seconds per token, on average
+    assert got <= (1 / rate[want]) * 1.03
+
+
+def test_exploration_grows_rarer_while_plain_decoding_wins():
+    gs, _, auto = run(lambda i: 0.3, 1.0, lambda g, i: 1.0, steps=1000)
+    probes = [i for i, g in enumerate(gs) if g]
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert gaps == sorted(gaps) and gaps[-1] == auto.max_gap  # widening, up to the cap
+    assert len(probes) <= 2 + 1000 / auto.max_gap + 4
+
+
+def test_it_follows_costs_that_change_as_the_context_grows():
+    """Early on the attention is short and speculation does not pay; from step 300 on verifying is
+    as cheap as decoding (long context, bandwidth-bound): it switches within a bounded delay."""
+    late = lambda g, i: 1.0 + (1.0 * g if i < 300 else 0.02 * g)
+    gs, _, _ = run(lambda i: 0.8, 0.2, late, steps=700)
+    assert all(g == 0 for g in gs[40:300] if g != 1)
+    switched = next(i for i in range(300, 700) if all(g >= 3 for g in gs[i:i + 20]))
+    assert switched - 300 <= AutoGamma().max_gap + 40
+
+
+def test_a_window_that_holds_the_context_is_not_drafted():
+    gs, _, _ = run(lambda i: 0.95, 0.9, lambda g, i: 1.0, steps=200, covered=lambda i: i < 150)
+    assert gs[:150] == [0] * 150  # not even a probe
+    assert 1 in gs[150:152]  # then it explores at once
