@@ -531,7 +531,7 @@ class QLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.packed != x.device.type:
             raise RuntimeError(f"QLinear packed for {self.packed}, called on {x.device.type}: pack() after loading")
-        x2 = x.reshape(-1, x.shape[-1])  # the kernels take [M, K]
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # the kernels take [M, K], contiguous
         if self.mode == "int4":
             mm = torch._weight_int4pack_mm_for_cpu if x.is_cpu else torch._weight_int4pack_mm
             y = mm(x2, self.weight, self.groupsize, self.scales)
