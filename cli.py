@@ -186,7 +186,8 @@ def parse_args(argv=None):
     add("--top_p", type=float, default=1.0)
     add("--seed", type=int, default=1234)
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    add("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA, float32 on CPU")
+    add("--dtype", choices=["float32", "bfloat16", "float16"], help="activations (default: bfloat16 on CUDA and for "
+        "a quantized checkpoint, else float32)")
     add("--compile", action="store_true", help="compile the decode steps (CUDA graphs on GPU)")
     add("--json", help="write config, rows and stats to this file")
     add("--output", help="stream every prompt through --batch_size refilled rows and append one JSON line per "
@@ -238,7 +239,7 @@ def check_window(budget: int, sink: int, gmax: int):
                          f"--sink {sink}: need a budget >= {sink + gmax + 1}")
 
 
-def device_of(args, world: tp.World) -> tuple[torch.device, torch.dtype]:
+def device_of(args, world: tp.World) -> torch.device:
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
@@ -247,7 +248,13 @@ def device_of(args, world: tp.World) -> tuple[torch.device, torch.dtype]:
         raise UsageError("--device cuda: no CUDA device here")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", world.local_rank)
-    return device, getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    return device
+
+
+def dtype_of(args, device: torch.device, cfg: ModelArgs) -> torch.dtype:
+    """The activations' dtype of a model: --dtype, else bfloat16 on CUDA and for a quantized
+    checkpoint (torch's CPU int8 / int4 kernels take a slow path with float32), else float32."""
+    return getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" or cfg.quant else "float32"))
 
 
 # ----------------------------------------------------------------------------------- --output file

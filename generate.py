@@ -447,7 +447,7 @@ class Decoder:
             "drafts_tried": c.drafts_tried.tolist() if self.gmax else [],
             "drafts_accepted": c.drafts_accepted.tolist() if self.gmax else [],
             # bytes every forward must read: weights + visible K/V (per rank under --tp)
-            "bytes_read": (self.steps * param_bytes(m) + kv * kvb(m) + self.draft_forwards * param_bytes(dm)
+            "bytes_read": (self.steps * param_bytes(m, True) + kv * kvb(m) + self.draft_forwards * param_bytes(dm, True)
                            + kv_d * kvb(dm)),
             "compiled_graphs": self.compiled_graphs,
             "compile_seconds": self.compile_seconds,
@@ -509,12 +509,13 @@ def main(argv=None):
     args = cli.parse_args(argv)
     # what can be wrong with the input is checked before the process group exists, alike on every rank
     world = tp.world_from_env(args.tp)
-    device, dtype = cli.device_of(args, world)
+    device = cli.device_of(args, world)
     if args.checkpoint is None:
         from convert_checkpoint import default_checkpoint
 
         args.checkpoint = str(default_checkpoint())
     cfg, tok, dcfg = cli.read_checkpoints(args)
+    dtype = cli.dtype_of(args, device, cfg)
     draft_ckpt = args.draft_checkpoint if dcfg else None
     reqs = cli.build_requests(args, tok, cfg.max_seq_len)
     out = cli.Output(args.output, args.resume) if args.output else None
@@ -536,10 +537,13 @@ def main(argv=None):
     S, elem = cache_len(max_len, max_gamma(o.gamma)), torch.tensor([], dtype=dtype).element_size()
     tp.agree(world, lambda: stats.check_memory(lambda b: memory_plan(cfg, mode, o, b, S, elem, args.tp, dcfg),
                                                hi - lo, device))
-    load = (lambda p: tp.load(p, world, device, dtype)) if args.tp > 1 else (
-        lambda p: Transformer.from_checkpoint(p, device, dtype))
-    model = load(args.checkpoint)
-    o.draft_model = load(draft_ckpt) if draft_ckpt else None
+
+    def load(path, c):  # each model in its own activations' dtype (a quantized draft: bfloat16 on the CPU)
+        dt = cli.dtype_of(args, device, c)
+        return tp.load(path, world, device, dt) if args.tp > 1 else Transformer.from_checkpoint(path, device, dt)
+
+    model = load(args.checkpoint, cfg)
+    o.draft_model = load(draft_ckpt, dcfg) if draft_ckpt else None
     torch.manual_seed(args.seed + world.dp_rank)  # the ranks of a group draw the same numbers
     t0 = time.perf_counter()
     if out:  # this group's prompts through its rows, a line each as it finishes (by the group's first rank)

@@ -19,6 +19,10 @@ class UsageError(ValueError):
     `error: ...` and exits with status 2."""
 
 
+QUANT_MODES = ("int8", "int4")
+INT4_GROUPS = (32, 64, 128, 256)  # what torch's int4 kernels take
+
+
 @dataclass
 class ModelArgs:
     dim: int
@@ -40,6 +44,9 @@ class ModelArgs:
     bos_id: int | None = None
     eos_ids: list[int] = field(default_factory=list)
     add_bos: bool = False
+    # None (float weights) or weight-only quantization of every linear layer (see QLinear; made by
+    # quantize.py): {"mode": "int8"} (a scale per output channel) or {"mode": "int4", "groupsize": g}
+    quant: dict | None = None
 
     def __post_init__(self):
         def need(ok, what):
@@ -78,6 +85,23 @@ class ModelArgs:
         need(all(is_num(s.get(k)) for k in want), f"rope_scaling {kind} needs positive numbers {', '.join(want)}")
         need(kind != "llama3" or s["high_freq_factor"] > s["low_freq_factor"],
              "rope_scaling llama3 needs high_freq_factor > low_freq_factor")
+        q = self.quant
+        need(q is None or isinstance(q, dict), f"quant must be an object or null, not {q!r}")
+        mode = (q or {}).get("mode")
+        need(q is None or mode in QUANT_MODES,
+             f"unknown quantization scheme {mode!r} (supported: {', '.join(QUANT_MODES)}; make one with quantize.py)")
+        need(set(q or {}) <= {"mode", "groupsize"}, f"quant: unknown keys {sorted(set(q or {}) - {'mode', 'groupsize'})}")
+        if mode == "int4":  # torch's int4 kernels: these group sizes, output rows in multiples of 16
+            g = q.get("groupsize")
+            need(g in INT4_GROUPS, f"int4 groupsize must be one of {INT4_GROUPS}, not {g!r}")
+            for k, n in (("dim", self.dim), ("n_heads * head_dim", self.n_heads * self.head_dim),
+                         ("intermediate_size", self.intermediate_size)):
+                need(n % g == 0, f"int4 groupsize {g} does not divide {k} = {n} (the inputs of a linear layer)")
+            rows = ((self.n_heads + 2 * self.n_kv_heads) * self.head_dim, self.dim, 2 * self.intermediate_size,
+                    self.vocab_size)
+            need(all(n % 16 == 0 for n in rows), f"int4 needs linear layers of 16k outputs, not {rows}")
+        elif mode == "int8":
+            need(q.get("groupsize") is None, "int8 has a scale per output channel: no groupsize")
 
     @classmethod
     def load(cls, path) -> "ModelArgs":
@@ -364,7 +388,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        if args.tie_embeddings:
+        if args.quant:  # the output layer too, as its own copy of a tied embedding (see QLinear)
+            swap_linears(self, args.quant)
+        elif args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.batch_size = self.max_seq_len = -1
         self.draft_key = None
@@ -446,11 +472,12 @@ class Transformer(nn.Module):
         with torch.device("meta"):
             model = cls(args)
         state = load_file(path / "model.safetensors", device=str(device))
-        if dtype is not None:
-            state = {k: v.to(dtype) for k, v in state.items()}
+        if dtype is not None:  # quantized codes stay integers
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         model.load_state_dict(state, assign=True, strict=False)
-        if args.tie_embeddings:
+        if args.tie_embeddings and not args.quant:
             model.output.weight = model.tok_embeddings.weight
+        pack_linears(model, model.tok_embeddings.weight.dtype)
         return model.eval().requires_grad_(False)
 
 
@@ -466,19 +493,102 @@ def check_weights(path, args: ModelArgs):
         with safe_open(path / "model.safetensors", framework="pt") as f:
             slices = {k: f.get_slice(k) for k in f.keys()}
             shapes = {k: list(s.get_shape()) for k, s in slices.items()}
-            dtypes = {s.get_dtype() for s in slices.values()}
+            types = {k: s.get_dtype() for k, s in slices.items()}
     except (SafetensorError, OSError) as e:
         raise UsageError(f"{path}/model.safetensors: cannot read it ({e})") from None
     with torch.device("meta"):
-        want = {k: list(v.shape) for k, v in Transformer(args).state_dict().items()}
-    if args.tie_embeddings:
+        ref = Transformer(args).state_dict()
+    want = {k: list(v.shape) for k, v in ref.items()}
+    if args.tie_embeddings and not args.quant:
         want.pop("output.weight")
     bad = [f"{k} {shapes[k]} (config.json implies {w})" for k, w in want.items() if k in shapes and shapes[k] != w]
     missing = [k for k in want if k not in shapes]
     unexpected = [k for k in shapes if k not in want and k != "output.weight"]
     if bad or missing or unexpected:
-        raise UsageError(f"{path}/model.safetensors does not fit its config.json: "
+        raise UsageError(f"{path}/model.safetensors does not fit its config.json"
+                         + (f" (quant {args.quant})" if args.quant else "") + ": "
                          + "; ".join([f"shapes {bad[:2]}"] * bool(bad) + [f"missing {missing[:3]}"] * bool(missing)
                                      + [f"unexpected {unexpected[:3]}"] * bool(unexpected)))
-    if not dtypes <= {"F32", "F16", "BF16"}:
-        raise UsageError(f"{path}/model.safetensors holds non-float tensors ({', '.join(sorted(dtypes))})")
+    # quantized codes are int8 / uint8 (see QLinear), every other tensor a float
+    name = {"I8": torch.int8, "U8": torch.uint8, "F32": "float", "F16": "float", "BF16": "float"}
+    kind = lambda k: ref[k].dtype if k in ref and not ref[k].dtype.is_floating_point else "float"
+    wrong = [f"{k} {t}" for k, t in types.items() if name.get(t, t) != kind(k)]
+    if wrong:
+        why = f"does not hold config.json's quant {args.quant}" if args.quant else "holds non-float tensors"
+        raise UsageError(f"{path}/model.safetensors {why} ({', '.join(wrong[:3])})")
+
+
+# ------------------------------------------------------------------------------- quantized linears
+class QLinear(nn.Module):
+    """A linear layer with weight-only quantized weights (quantize.py makes them); activations stay
+    in their dtype. As stored in model.safetensors:
+      int8: weight [N, K] int8, scales [N]: w = weight * scales (one scale per output channel);
+      int4: weight [N, K/2] uint8, two codes q in [0, 16) a byte (the even input in the high
+            nibble), scales [N, K/g, 2] (scale, zero) per group of g inputs: w = (q - 8) * scale + zero.
+    Scales are stored in bfloat16. pack() turns them into what the device's kernel reads."""
+
+    def __init__(self, in_features: int, out_features: int, bias=False, *, mode: str, groupsize: int | None = None):
+        super().__init__()
+        N, K, self.mode, self.groupsize = out_features, in_features, mode, groupsize
+        self.in_features, self.out_features, self.packed = K, N, None  # packed: the device type packed for
+        int4 = mode == "int4"
+        p = lambda t: nn.Parameter(t, requires_grad=False)  # integer tensors can only be frozen parameters
+        self.weight = p(torch.zeros(N, K // 2 if int4 else K, dtype=torch.uint8 if int4 else torch.int8))
+        self.scales = p(torch.ones((N, K // groupsize, 2) if int4 else (N,), dtype=torch.bfloat16))
+        self.bias = p(torch.zeros(N)) if bias else None
+
+    def pack(self, dtype: torch.dtype):
+        """Scales to the activations' dtype (the kernels take them so) and the weights into the
+        layout of their device's kernel: CPU int4 (torch's own blocked layout) and CUDA int4
+        (tinygemm's) are repacked, int8 is used as stored. A device without a kernel: UsageError."""
+        if self.packed:
+            return
+        w, s, dev = self.weight.contiguous(), self.scales.to(dtype).contiguous(), self.weight.device  # kernels' need
+        if self.mode == "int4" and dev.type == "cpu":
+            w = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(w).int(), 2)
+            s = s.transpose(0, 1).contiguous()  # [K/g, N, 2]
+        elif self.mode == "int4":
+            if dev.type != "cuda" or torch.cuda.get_device_capability(dev) < (8, 0) or dtype != torch.bfloat16:
+                what = f"sm_{''.join(map(str, torch.cuda.get_device_capability(dev)))}" if dev.type == "cuda" else dev.type
+                raise UsageError(f"int4 weights run on the CPU, or on CUDA through torch._weight_int4pack_mm with "
+                                 f"compute capability >= 8.0 and bfloat16 activations (here: {what}, "
+                                 f"{str(dtype).removeprefix('torch.')}): use an int8 checkpoint or --dtype bfloat16")
+            tiles = next(t for t in (8, 4, 2) if self.in_features % (16 * t) == 0)  # K in tiles of 16 * tiles
+            w, s = torch._convert_weight_to_int4pack(w, tiles), s.transpose(0, 1).contiguous()
+        self.weight, self.scales = nn.Parameter(w, requires_grad=False), nn.Parameter(s, requires_grad=False)
+        self.packed = dev.type
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.packed != x.device.type:
+            raise RuntimeError(f"QLinear packed for {self.packed}, called on {x.device.type}: pack() after loading")
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # the kernels take [M, K], contiguous
+        if self.mode == "int4":
+            mm = torch._weight_int4pack_mm_for_cpu if x.is_cpu else torch._weight_int4pack_mm
+            y = mm(x2, self.weight, self.groupsize, self.scales)
+        elif x.is_cpu:  # fast with bfloat16 activations; float32 takes a slow path in torch
+            y = torch._weight_int8pack_mm(x2, self.weight, self.scales)
+        else:  # torch.compile fuses the dequantization into the matmul (gpt-fast's way)
+            y = F.linear(x2, self.weight.to(x.dtype)) * self.scales
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def swap_linears(model: nn.Module, quant: dict):
+    """Every nn.Linear of `model` -> an empty QLinear of the same shape (the embedding and the norms
+    stay as they are: a lookup reads B rows of the table, so quantizing it would save no reads)."""
+    for m in list(model.modules()):
+        for name, c in m.named_children():
+            if isinstance(c, nn.Linear):
+                setattr(m, name, QLinear(c.in_features, c.out_features, c.bias is not None, **quant))
+
+
+def pack_linears(model: nn.Module, dtype: torch.dtype):
+    """After loading: every QLinear into its device's kernel layout, its scales in `dtype`."""
+    for m in model.modules():
+        if isinstance(m, QLinear):
+            m.pack(dtype)
+
+
+def unpack_int4(w: Tensor) -> Tensor:
+    """int4 codes as stored, [N, K/2] uint8 -> [N, K] uint8 in [0, 16)."""
+    return torch.stack((w >> 4, w & 15), -1).flatten(-2)

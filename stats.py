@@ -27,15 +27,32 @@ def prefill_chunk(B: int, S: int, G: int) -> int:
     return max(1, min(PREFILL_TOKENS // B, PREFILL_MASK // (G * S)))
 
 
-def param_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+def param_bytes(model, read=False) -> int:
+    """Bytes of the model's weights, quantized codes and scales as they are; read: only what every
+    forward reads, so not an embedding table of its own (a forward looks up B of its rows)."""
+    ps, emb = {id(p): p for p in model.parameters()}, model.tok_embeddings.weight
+    if read and sum(p is emb for _, p in model.named_parameters(remove_duplicate=False)) == 1:  # not the output too
+        ps.pop(id(emb))
+    return sum(p.numel() * p.element_size() for p in ps.values())
 
 
 # ---------------------------------------------------------------------------------------- memory
 def weight_bytes(cfg: ModelArgs, elem: int, tp_size: int = 1) -> int:
-    per_layer = cfg.dim * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + cfg.n_heads * cfg.head_dim * cfg.dim \
-        + 3 * cfg.dim * cfg.intermediate_size
-    return (cfg.n_layers * per_layer + cfg.vocab_size * cfg.dim * (1 + (not cfg.tie_embeddings))) * elem // tp_size
+    """What loading the model's weights takes (see model.QLinear: codes + scales in the activations' dtype)."""
+    q = cfg.quant or {}
+
+    def linear(n_in, n_out):
+        if q.get("mode") == "int8":
+            return n_out * n_in + n_out * elem
+        if q.get("mode") == "int4":
+            return n_out * n_in // 2 + n_out * (n_in // q["groupsize"]) * 2 * elem
+        return n_out * n_in * elem
+
+    D, I = cfg.dim, cfg.intermediate_size
+    per_layer = linear(D, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim) + linear(cfg.n_heads * cfg.head_dim, D) \
+        + linear(D, 2 * I) + linear(I, D)
+    output = 0 if cfg.tie_embeddings and not q else linear(D, cfg.vocab_size)
+    return (cfg.n_layers * per_layer + cfg.vocab_size * D * elem + output) // tp_size
 
 
 def memory_plan(cfg: ModelArgs, B: int, S: int, elem: int, *, tp_size: int = 1, gmax: int = 0,

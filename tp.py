@@ -16,7 +16,7 @@ import torch.distributed._functional_collectives as fc
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import ModelArgs, Transformer, UsageError
+from model import ModelArgs, QLinear, Transformer, UsageError, pack_linears
 
 
 @dataclass
@@ -54,6 +54,20 @@ def check_split(args: ModelArgs, tp: int):
     if tp > args.n_kv_heads:
         raise UsageError(f"--tp {tp} is more ranks than the model's {args.n_kv_heads} KV heads: each rank "
                          f"must own at least one whole GQA group (use --tp <= {args.n_kv_heads})")
+    q = args.quant or {}
+    if q.get("mode") != "int4":  # int8 cuts anywhere: its scales are per output row
+        return
+    g, G, D = q["groupsize"], args.n_heads // args.n_kv_heads, args.head_dim
+    for r in range(tp):  # what load() will cut, for every rank (so all of them fail alike)
+        (k0, k1), (i0, i1) = split(args.n_kv_heads, tp, r), split(args.intermediate_size, tp, r)
+        for name, c in (("attention.wo", k0 * G * D), ("feed_forward.w2", i0)):
+            if c % g:
+                raise UsageError(f"--tp {tp} cuts the inputs of {name} at {c}, inside an int4 group of {g}: "
+                                 f"quantize with a group size that divides {c}, or use another --tp")
+        rows = (k1 - k0) * (G + 2) * D, 2 * (i1 - i0), -(-args.vocab_size // tp)
+        if any(n % 16 for n in rows):
+            raise UsageError(f"--tp {tp} leaves rank {r} {rows} rows of wqkv, w13 and the output layer: int4 "
+                             f"kernels need multiples of 16; use another --tp")
 
 
 def init(w: World, device: torch.device):
@@ -100,15 +114,14 @@ def split(n: int, parts: int, i: int) -> tuple[int, int]:
 
 # --- sharded modules -----------------------------------------------------------------------------
 class RowParallel(nn.Module):
-    """x (sharded on its last dim) @ w_shard.T, summed over the group."""
+    """A linear layer of this rank's input columns (x sharded on its last dim), summed over the group."""
 
-    def __init__(self, weight, group):
+    def __init__(self, lin: nn.Module, group):
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.group = group
+        self.lin, self.group = lin, group
 
     def forward(self, x):
-        return fc.all_reduce(F.linear(x, self.weight), "sum", self.group)
+        return fc.all_reduce(self.lin(x), "sum", self.group)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -127,16 +140,17 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class VocabParallelOutput(nn.Module):
-    """Logits of this rank's vocabulary slice [..., Vp] (padding columns past the vocabulary: -inf).
-    They are never gathered: sampling reduces over the slices with `Vocab`."""
+    """Logits of this rank's vocabulary slice [..., Vp] (padding columns past the vocabulary: -inf),
+    from a linear layer of those rows. They are never gathered: sampling reduces over the slices
+    with `Vocab`."""
 
-    def __init__(self, weight, vocab: "Vocab"):
+    def __init__(self, lin: nn.Module, vocab: "Vocab"):
         super().__init__()
-        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.lin = lin
         self.pad = vocab.start + vocab.local - vocab.n  # > 0 on the last rank only
 
     def forward(self, x):
-        y = F.linear(x, self.weight)
+        y = self.lin(x)
         return y if self.pad <= 0 else y.index_fill(-1, torch.arange(y.shape[-1] - self.pad, y.shape[-1],
                                                                      device=y.device), -float("inf"))
 
@@ -203,21 +217,23 @@ class Vocab:
 
 def linear(weight, bias=None) -> nn.Linear:
     m = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    m.weight = nn.Parameter(weight, requires_grad=False)
+    m.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)  # tied: shared
     if bias is not None:
         m.bias = nn.Parameter(bias, requires_grad=False)
     return m
 
 
 def load(path, w: World, device, dtype=None) -> Transformer:
-    """This rank's shard of a checkpoint, reading only its slices of model.safetensors."""
+    """This rank's shard of a checkpoint, reading only its slices of model.safetensors. Quantized
+    layers are cut like their weights: codes and scales by the same output rows, or by the same
+    input columns (int4's groups must not be cut; int8's per-row scales are whole on every rank)."""
     from safetensors import safe_open
 
     path = Path(path)
     args = ModelArgs.load(path / "config.json")
     check_split(args, w.tp)
     H, Hkv, D, I, V = args.n_heads, args.n_kv_heads, args.head_dim, args.intermediate_size, args.vocab_size
-    G = H // Hkv
+    G, q = H // Hkv, args.quant
     k0, k1 = split(Hkv, w.tp, w.tp_rank)
     i0, i1 = split(I, w.tp, w.tp_rank)
     Vp = -(-V // w.tp)  # equal (zero-padded) vocabulary slices: all_gather wants equal sizes
@@ -226,19 +242,36 @@ def load(path, w: World, device, dtype=None) -> Transformer:
         model = Transformer(args)
 
     with safe_open(path / "model.safetensors", framework="pt", device=str(device)) as f:
-        def get(name, rows=None, cols=None):
+        def get(name, rows=None, cols=None, n_in=None, pad=None):
+            """Tensor `name`, whole, or its row ranges `rows` (concatenated, zero rows up to `pad`),
+            or input columns cols = [c0, c1) of a linear layer of n_in inputs: a 2-D+ tensor's dim 1
+            is in proportion to them (int4 codes: 2 a byte; int4 scales: 1 a group), a 1-D one is per
+            output row (int8 scales, biases) and kept whole."""
             t = f.get_slice(name)
-            t = t[rows[0]:rows[1]] if rows else t[:, cols[0]:cols[1]] if cols else t[:]
-            return t.to(dtype) if dtype is not None else t
+            if rows:
+                t = torch.cat([t[a:b] for a, b in rows])
+                t = torch.cat((t, t.new_zeros(pad - t.shape[0], *t.shape[1:]))) if pad else t
+            elif cols and len(t.get_shape()) > 1:  # (check_split keeps int4 groups whole)
+                n = t.get_shape()[1]
+                t = t[:, cols[0] * n // n_in: cols[1] * n // n_in]
+            else:
+                t = t[:]
+            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
-        emb = get("tok_embeddings.weight", (v0, min(v0 + Vp, V)))
-        emb = torch.cat((emb, emb.new_zeros(Vp - emb.shape[0], emb.shape[1])))
+        def lin(prefix, n_in, rows=None, cols=None, bias=False, pad=None) -> nn.Module:
+            t = {k: get(prefix + k, rows, cols, n_in, pad) for k in ("weight",) + ("scales",) * bool(q) + ("bias",) * bias}
+            if not q:
+                return linear(t["weight"], t.get("bias"))
+            with torch.device("meta"):
+                m = QLinear(cols[1] - cols[0] if cols else n_in, t["weight"].shape[0], bias, **q)
+            for k, v in t.items():
+                setattr(m, k, nn.Parameter(v, requires_grad=False))
+            return m
+
+        emb = get("tok_embeddings.weight", [(v0, min(v0 + Vp, V))], pad=Vp)
         model.tok_embeddings = VocabParallelEmbedding(emb, v0, w.group)
-        if args.tie_embeddings:
-            out = model.tok_embeddings.weight
-        else:
-            out = get("output.weight", (v0, min(v0 + Vp, V)))
-            out = torch.cat((out, out.new_zeros(Vp - out.shape[0], out.shape[1])))
+        out = linear(model.tok_embeddings.weight) if args.tie_embeddings and not q else \
+            lin("output.", args.dim, [(v0, min(v0 + Vp, V))], pad=Vp)
         model.vocab = Vocab(V, v0, Vp, w.group)
         model.output = VocabParallelOutput(out, model.vocab)
         model.norm.weight = nn.Parameter(get("norm.weight"), requires_grad=False)
@@ -248,16 +281,14 @@ def load(path, w: World, device, dtype=None) -> Transformer:
         for i, b in enumerate(model.layers):
             p = f"layers.{i}."
             a = b.attention
-            wqkv = torch.cat([get(p + "attention.wqkv.weight", r) for r in qkv])
-            bias = torch.cat([get(p + "attention.wqkv.bias", r) for r in qkv]) if args.attn_bias else None
-            a.wqkv = linear(wqkv, bias)
-            a.wo = RowParallel(get(p + "attention.wo.weight", cols=(k0 * G * D, k1 * G * D)), w.group)
+            a.wqkv = lin(p + "attention.wqkv.", args.dim, qkv, bias=args.attn_bias)
+            a.wo = RowParallel(lin(p + "attention.wo.", H * D, cols=(k0 * G * D, k1 * G * D)), w.group)
             a.n_heads, a.n_kv_heads = (k1 - k0) * G, k1 - k0
-            w13 = torch.cat([get(p + "feed_forward.w13.weight", r) for r in ((i0, i1), (I + i0, I + i1))])
-            b.feed_forward.w13 = linear(w13)
-            b.feed_forward.w2 = RowParallel(get(p + "feed_forward.w2.weight", cols=(i0, i1)), w.group)
+            b.feed_forward.w13 = lin(p + "feed_forward.w13.", args.dim, [(i0, i1), (I + i0, I + i1)])
+            b.feed_forward.w2 = RowParallel(lin(p + "feed_forward.w2.", I, cols=(i0, i1)), w.group)
             for n in ("attention_norm", "ffn_norm"):
                 getattr(b, n).weight = nn.Parameter(get(p + n + ".weight"), requires_grad=False)
+    pack_linears(model, model.tok_embeddings.weight.dtype)
     model.tp_group = w.group
     return model.eval()
 

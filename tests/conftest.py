@@ -93,3 +93,25 @@ def tiny_ckpt(tmp_path_factory, default_ckpt) -> Path:
     args.save(d / "config.json")
     shutil.copy(default_ckpt / "tokenizer.json", d)
     return d
+
+
+def quantized(src: Path, out: Path, mode: str, groupsize: int | None = None) -> Path:
+    import quantize
+
+    quantize.main(["--checkpoint", str(src), "--mode", mode, "--out", str(out)]
+                  + (["--groupsize", str(groupsize)] if groupsize else []))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_q(tmp_path_factory, tiny_ckpt) -> dict[str, Path]:
+    """The tiny checkpoint quantized by quantize.py: {"int8": dir, "int4": dir (groups of 32)}."""
+    d = tmp_path_factory.mktemp("tiny-q")
+    return {"int8": quantized(tiny_ckpt, d / "int8", "int8"), "int4": quantized(tiny_ckpt, d / "int4", "int4", 32)}
+
+
+@pytest.fixture(scope="session")
+def default_q(tmp_path_factory, default_ckpt) -> dict[str, Path]:
+    """The default model quantized by quantize.py: {"int8": dir, "int4": dir (groups of 64)}."""
+    d = tmp_path_factory.mktemp("default-q")
+    return {"int8": quantized(default_ckpt, d / "int8", "int8"), "int4": quantized(default_ckpt, d / "int4", "int4")}

@@ -1,7 +1,7 @@
-"""Malformed or incomplete checkpoints, draft checkpoints and converter sources: each is refused
-with exactly one `error: ...` line on stderr and exit status 2, never a traceback. Every case is a
-copy of a good one with one thing broken. The commands run as subprocesses, as many at a time as
-there are cores (each one imports torch), once for the whole module."""
+"""Malformed or incomplete checkpoints (float or quantized), draft checkpoints, converter and
+quantizer inputs: each is refused with exactly one `error: ...` line on stderr and exit status 2,
+never a traceback. Every case is a copy of a good one with one thing broken. The commands run as
+subprocesses, as many at a time as there are cores (each one imports torch), once for the module."""
 import json
 import os
 import shutil
@@ -82,6 +82,24 @@ CHECKPOINT = {
 }
 DRAFT = ["config-missing-field", "weights-truncated", "tokenizer-json-truncated", "tokenizer-larger-than-model"]
 
+# name: (the tiny checkpoint's int8 or int4 copy, how to break it, text the error line must contain)
+QUANTIZED = {
+    "scales-missing": ("int8", _weights(lambda s: s.pop("layers.0.attention.wqkv.scales")), "layers.0.attention.wqkv.scales"),
+    "scales-wrong-shape": ("int4", _weights(lambda s: s.update({"layers.1.feed_forward.w2.scales": torch.ones(
+        64, 1, 2, dtype=torch.bfloat16)})), "layers.1.feed_forward.w2.scales"),
+    "codes-float": ("int8", _weights(lambda s: s.update({"output.weight": s["output.weight"].float()})), "output.weight F32"),
+    "float-config-with-codes": ("int8", _config(quant=DROP), "unexpected"),
+    "unknown-scheme": ("int8", _config(quant={"mode": "int3"}), "unknown quantization scheme 'int3'"),
+    "groupsize-does-not-divide": ("int4", _config(quant={"mode": "int4", "groupsize": 128}),
+                                  "int4 groupsize 128 does not divide dim = 64"),
+}
+# name: (quantize.py arguments, with {tiny} / {int8} for those checkpoints; text the error line must contain)
+QUANTIZE = {
+    "groupsize-does-not-divide": (["--checkpoint", "{tiny}", "--mode", "int4", "--groupsize", "128"],
+                                  "int4 groupsize 128 does not divide dim = 64"),
+    "already-quantized": (["--checkpoint", "{int8}", "--mode", "int4"], "already quantized"),
+}
+
 
 def _file(name, data):  # a source file of its own beside the copy
     def make(d):
@@ -148,7 +166,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_ckpt, default_ckpt):
+def runs(tmp_path_factory, tiny_ckpt, default_ckpt, tiny_q):
     """{(kind, case): CompletedProcess} of every case; each starts as soon as its files are ready."""
     from conftest import make_hf_checkpoint
 
@@ -164,6 +182,12 @@ def runs(tmp_path_factory, tiny_ckpt, default_ckpt):
             start(("checkpoint", name), *GENERATE, "--checkpoint", str(base / name))
         for name in DRAFT:
             start(("draft", name), *GENERATE, "--checkpoint", str(tiny_ckpt), "--draft_checkpoint", str(base / name))
+        for name, (mode, make, _) in QUANTIZED.items():
+            make(_copy(tiny_q[mode], base / "q" / name))
+            start(("quantized", name), *GENERATE, "--checkpoint", str(base / "q" / name))
+        for name, (argv, _) in QUANTIZE.items():
+            start(("quantize", name), sys.executable, str(ROOT / "quantize.py"), "--out", str(base / "qout" / name),
+                  *(a.format(tiny=tiny_ckpt, int8=tiny_q["int8"]) for a in argv))
         make_hf_checkpoint(base / "hf")
         shutil.copy(default_ckpt / "tokenizer.json", base / "smol.json")  # 49152 ids, the model 256
         for name, (make, _) in SOURCE.items():
@@ -197,3 +221,13 @@ def test_bad_draft_checkpoint(case, runs):
 @pytest.mark.parametrize("case", SOURCE)
 def test_bad_converter_source(case, runs):
     _refused(runs["convert", case], SOURCE[case][1])
+
+
+@pytest.mark.parametrize("case", QUANTIZED)
+def test_bad_quantized_checkpoint(case, runs):
+    _refused(runs["quantized", case], QUANTIZED[case][2])
+
+
+@pytest.mark.parametrize("case", QUANTIZE)
+def test_bad_quantize_input(case, runs):
+    _refused(runs["quantize", case], QUANTIZE[case][1])

@@ -1,9 +1,9 @@
 """CUDA checks (skipped, and reported as skipped, without a GPU): greedy speculation against plain
-decoding, fp32 and bf16, eager and compiled with CUDA graphs (no recompiles once warm). On a GPU the
-[B, 1] and [B, g+1] forwards may run other kernels (cuBLAS picks them by row count), so a near-tie
-can flip an argmax: a divergence is allowed only where the reference's top two logits were within
-a small tolerance. That rule itself is tested on the CPU, and so is scripts/gpu_check.sh's answer
-on a machine without CUDA."""
+decoding, fp32 and bf16, eager and compiled with CUDA graphs (no recompiles once warm), quantized
+layers and drafts. On a GPU the [B, 1] and [B, g+1] forwards may run other kernels (cuBLAS picks
+them by row count), so a near-tie can flip an argmax: a divergence is allowed only where the
+reference's top two logits were within a small tolerance. That rule itself is tested on the CPU, and
+so is scripts/gpu_check.sh's answer on a machine without CUDA."""
 import os
 import subprocess
 import sys
@@ -158,3 +158,32 @@ def test_tp2_compiled_keeps_cuda_graph_trees_and_the_tokens(gpu_prompts, tmp_pat
     new = [row["tokens"] for row in json.loads((tmp_path / "tp.json").read_text())["rows"]]
     model = Transformer.from_checkpoint(ckpt, "cuda", torch.float32)
     near_tie_divergences(model, [tok.encode(t) for t in TEXTS], ref, new, TIE[torch.float32])
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_linear_on_cuda_is_the_dequantized_matmul(mode):
+    """int8: a dequantization that Inductor fuses into the matmul; int4: torch._weight_int4pack_mm."""
+    import torch.nn.functional as F
+
+    from test_quantize import qlinear
+
+    m, w = qlinear(mode, torch.bfloat16, device="cuda")
+    x = torch.randn(2, 5, 128, device="cuda").bfloat16()
+    ref = F.linear(x.float(), w, m.bias.float())
+    for f in (m, torch.compile(m, fullgraph=True, dynamic=False)):
+        torch.testing.assert_close(f(x).float(), ref, rtol=0, atol=1e-2 * ref.abs().max().item())
+
+
+@cuda
+def test_quantized_drafts_on_cuda_match_plain_decoding_up_to_near_ties(gpu_prompts, tmp_path):
+    from conftest import quantized
+
+    ckpt, prompts = gpu_prompts
+    model = Transformer.from_checkpoint(ckpt, "cuda", torch.bfloat16)
+    ref = generate(model, prompts, 48)[0]
+    for mode in ("int8", "int4"):
+        draft = Transformer.from_checkpoint(quantized(ckpt, tmp_path / mode, mode), "cuda", torch.bfloat16)
+        new, _, s = generate(model, prompts, 48, gamma=3, draft_model=draft, budget=0, compile=True)
+        near_tie_divergences(model, prompts, ref, new, TIE[torch.bfloat16])
+        assert s["acceptance_rate"] > 0.5, mode

@@ -55,6 +55,7 @@ def test_imports_run_one_way():
     assert graph["model"] == set()  # the model at the bottom
     assert not any("generate" in graph[m] for m in ("model", "tp", "sampling", "stats", "cli", "tokenizer",
                                                       "convert_checkpoint"))
+    assert not any("quantize" in graph[m] for m in graph)  # the converter's sibling: nothing imports it back
 
 
 def test_names_are_taken_from_their_home():

@@ -79,6 +79,16 @@ def test_tp2_greedy_gathers_no_vocabulary(default_ckpt, tmp_path):
     assert got["sizes"] and max(got["sizes"]) <= 2 * 3 * 4  # [tp=2, B=3, gamma+1=4]
 
 
+def test_tp2_int8_generates_what_one_process_does(tiny_q, tmp_path):
+    """An int8 checkpoint: codes and scales sharded like the weights (float32 activations: exact)."""
+    argv = ["--checkpoint", tiny_q["int8"], "--dtype", "float32", "--prompt", "one", "--prompt", "two three four five",
+            "--max_new_tokens", "12", "--gamma", "3", "--draft_budget", "8", "--sink", "2"]
+    ref, _ = gen.main(list(map(str, argv)))
+    r = torchrun(*argv, "--tp", 2, "--json", tmp_path / "q.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert rows_of(tmp_path / "q.json") == [x["tokens"] for x in ref]
+
+
 def test_dp2_x_tp2_keeps_rows_in_order(tiny_ckpt, tmp_path):
     argv = ["--checkpoint", tiny_ckpt, "--prompt", "one", "--prompt", "two three four", "--prompt", "five six",
             "--batch_size", "5", "--max_new_tokens", "10", "--gamma", "2", "--draft_budget", "6", "--sink", "2"]
