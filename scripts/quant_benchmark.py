@@ -4,8 +4,9 @@
   quality:    where greedy decoding first leaves the float32 model's, and the mean log-likelihood
               of held-out text (prompt-file lines the other measurements do not use);
   sizes:      model.safetensors on disk.
-Variants: the checkpoint in float32 and in bfloat16, each --quantized checkpoint in bfloat16
-(the CPU kernels' fast path). Writes results.json and results.md to --out.
+Variants: the checkpoint in float32 and in bfloat16, each --quantized checkpoint with bfloat16
+and with float32 activations (torch's CPU kernels are fast with bfloat16 where the CPU has
+AVX-512-BF16 or AMX, and the rest of the model is then faster in float32 on a CPU without them). Writes results.json and results.md to --out.
 
     python scripts/quant_benchmark.py --quantized checkpoints/smollm2-135m-int8 checkpoints/smollm2-135m-int4
 """
@@ -82,8 +83,9 @@ def main(argv=None):
         raise UsageError(f"{a.prompt_file}: need {need} lines of >= {a.prompt_len} tokens")
     heldout = texts[-a.heldout:]
     variants = {"fp32": (a.checkpoint, torch.float32), "bf16": (a.checkpoint, torch.bfloat16)}
-    for q in a.quantized:
-        variants[read_checkpoint(q)[0].quant["mode"]] = (q, torch.bfloat16)
+    for q in a.quantized:  # both activation dtypes: which is faster depends on the CPU (README: CPU dtypes)
+        mode = read_checkpoint(q)[0].quant["mode"]
+        variants[mode], variants[f"{mode}-fp32"] = (q, torch.bfloat16), (q, torch.float32)
     models = {v: Transformer.from_checkpoint(p, "cpu", dt) for v, (p, dt) in variants.items()}
     res = {"command": "python scripts/quant_benchmark.py " + shlex.join(argv), "machine": {
         "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__},
@@ -107,7 +109,7 @@ def main(argv=None):
                 "vs_fp32": statistics.median(x / y for x, y in zip(runs[v], runs["fp32"]))})
         for m in models.values():
             m.free_caches()
-        print(f"B={B}: " + ", ".join(f"{r['variant']} {r['tokens_per_second']:.1f}" for r in res["throughput"][-4:]),
+        print(f"B={B}: " + ", ".join(f"{r['variant']} {r['tokens_per_second']:.1f}" for r in res["throughput"][-len(models):]),
               file=sys.stderr)
 
     prompts = [t[: a.quality_len] for t in texts[: a.quality_prompts]]
