@@ -44,6 +44,15 @@ def make_hf_checkpoint(path, model_type="llama", save="safetensors", seed=0, **c
     return model
 
 
+@pytest.fixture(scope="session")
+def smol(default_ckpt):
+    """The default model (fp32 on the CPU, whatever the machine has) and its tokenizer, loaded once."""
+    from model import Transformer
+    from tokenizer import load_tokenizer
+
+    return Transformer.from_checkpoint(default_ckpt, "cpu", torch.float32), load_tokenizer(default_ckpt)
+
+
 @pytest.fixture
 def hf_checkpoint(tmp_path):
     """Factory: hf_checkpoint(model_type=..., save=..., **config) -> (dir, transformers model)."""
@@ -62,6 +71,7 @@ def truncated():
     import dataclasses
 
     def make(model, n_layers):
+        model.free_caches()  # (rebuilt by its next run) not copied
         d = copy.deepcopy(model)
         d.layers = d.layers[:n_layers]
         d.args = dataclasses.replace(d.args, n_layers=n_layers)
