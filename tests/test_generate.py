@@ -85,13 +85,13 @@ def test_eos_mid_step_and_uneven_limits(real, ar64):
     # an id that row 0 produces early and that is absent from the start of some other row
     eos = next(t for t in ar64[0][5:20] if any(t not in r[:40] for r in ar64[1:]))
     for max_new in (37, 61):
-        ref, ref_reasons, _ = generate(model, prompts, max_new, eos_ids=[eos])
+        cut = [r[:max_new] for r in ar64]  # plain decoding's tokens up to the limit and the first EOS
+        ref = [r[: r.index(eos) + 1] if eos in r else r for r in cut]
+        ref_reasons = ["eos" if eos in r else "length" for r in cut]
         assert "eos" in ref_reasons and "length" in ref_reasons
-        assert len(ref[0]) < 20 and ref[0][-1] == eos
         for gamma in (3, 5):
             new, reasons, _ = generate(model, prompts, max_new, gamma=gamma, budget=32, sink=16, eos_ids=[eos])
             assert (new, reasons) == (ref, ref_reasons), (max_new, gamma)
-            assert all(len(n) <= max_new and eos not in n[:-1] for n in new)
 
 
 def test_gamma_auto_is_exact(real, ar64):
