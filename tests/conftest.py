@@ -44,6 +44,57 @@ def make_hf_checkpoint(path, model_type="llama", save="safetensors", seed=0, **c
     return model
 
 
+@pytest.fixture(scope="session")
+def smol(default_ckpt):
+    """The default model (fp32 on the CPU, whatever the machine has) and its tokenizer, loaded once."""
+    from model import Transformer
+    from tokenizer import load_tokenizer
+
+    return Transformer.from_checkpoint(default_ckpt, "cpu", torch.float32), load_tokenizer(default_ckpt)
+
+
+TEXTS = [
+    "The history of the printing press begins in the fifteenth century, when",
+    "Photosynthesis is the process by which green plants",
+    "Once upon a time",
+    "In mathematics, a prime number is a natural number greater than one that is not a product of "
+    "two smaller natural numbers. The first few primes are",
+    "Dear Sir, I write to you concerning the matter of the",
+    "A recipe for bread: take flour, water and salt,",
+]
+
+
+@pytest.fixture(scope="session")
+def greedy_refs(smol):
+    """(prompts of TEXTS, their 64-token greedy continuations by plain decoding, batched): the
+    reference of the exactness tests, anchored outside our loop: transformers' model of the same
+    weights, decoded greedily one row at a time, gives the same tokens (up to the near-tie rule of
+    tests/test_gpu.py)."""
+    import transformers
+
+    from convert_checkpoint import default_gguf
+    from generate import generate
+    from test_gpu import TIE, near_tie_divergences
+
+    model, tok = smol
+    prompts = [tok.encode(t) for t in TEXTS]
+    ref = generate(model, prompts, 64)[0]
+    transformers.logging.set_verbosity_error()
+    gguf = default_gguf()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    theirs = []
+    with torch.no_grad():
+        for p in prompts:
+            out = hf.eval()(torch.tensor([p]), use_cache=True)
+            new = []
+            for _ in range(64):
+                new.append(int(out.logits[0, -1].argmax()))
+                out = hf(torch.tensor([new[-1:]]), past_key_values=out.past_key_values, use_cache=True)
+            theirs.append(new)
+    near_tie_divergences(model, prompts, ref, theirs, TIE[torch.float32])
+    return prompts, ref
+
+
 @pytest.fixture
 def hf_checkpoint(tmp_path):
     """Factory: hf_checkpoint(model_type=..., save=..., **config) -> (dir, transformers model)."""
@@ -62,6 +113,7 @@ def truncated():
     import dataclasses
 
     def make(model, n_layers):
+        model.free_caches()  # (rebuilt by its next run) not copied
         d = copy.deepcopy(model)
         d.layers = d.layers[:n_layers]
         d.args = dataclasses.replace(d.args, n_layers=n_layers)

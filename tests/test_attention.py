@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from model import BLOCK, CacheArgs, KVCache, WindowCache, attend, block_mask
+from test_draft_cache import kept
 
 
 def reference(q, k, v, q_pos, kv_pos):
@@ -41,8 +42,12 @@ def window_case(G, T, seed=0):
     q_pos = length[:, None] + torch.arange(T)
     k_new, v_new = torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
     k, v, kv_pos = w.update(q_pos, k_new, v_new)  # what a draft step or a verify hand-off writes
+    for b, n in enumerate(length.tolist()):  # StreamingLLM's positions, each with its own K/V
+        want = {p: full.k[b, :, p] for p in range(n)} | {n + t: k_new[b, t] for t in range(T)}
+        held = kv_pos[b][kv_pos[b] >= 0].tolist()
+        assert sorted(held) == kept(n + T - 1, 4, 60)
+        assert all(torch.equal(k[b, :, s], want[p]) for s, p in enumerate(kv_pos[b].tolist()) if p >= 0)
     assert kv_pos[2].max() == 299 + T and (kv_pos[2] >= 4).sum() == 60  # the ring wrapped
-    assert (kv_pos[0] == -1).sum() == 64 - 3 - T  # mostly empty
     return torch.randn(B, Hkv * G, T, D), k, v, q_pos, kv_pos
 
 

@@ -39,12 +39,22 @@ def sweep_args(ckpt, prompt_file, out, *extra):
     # up to 256), so the sweep must keep every run exact across cache sizes
     return ["--checkpoint", str(ckpt), "--prompt_file", str(prompt_file), "--batch_size", "1", "2",
             "--prompt_len", "120", "--gamma", "2", "auto", "--budget", "32", "--sink", "4", "--max_new_tokens", "8",
-            "--repeats", "1", "--warmup", "1", "--no_hf", "--out", str(out), *extra]
+            "--repeats", "1", "--warmup", "1", "--no_hf", "--device", "cpu", "--dtype", "float32", "--out", str(out),
+            *extra]
 
 
-def test_sweep_on_tiny_model(tiny_ckpt, prompt_file, tmp_path):
-    out = tmp_path / "out"
-    assert benchmark.main(sweep_args(tiny_ckpt, prompt_file, out)) == 0
+@pytest.fixture(scope="module")
+def sweep(tiny_ckpt, tmp_path_factory):
+    """One sweep on the tiny model (plots included where matplotlib is present): its output folder."""
+    d = tmp_path_factory.mktemp("sweep")
+    f = d / "prompts.jsonl"  # 140, 185 and 230 tokens
+    f.write_text("".join(json.dumps({"text": f"Chapter {i + 1}. " + SENTENCE * (3 + i)}) + "\n" for i in range(3)))
+    assert benchmark.main(sweep_args(tiny_ckpt, f, d / "out")) == 0
+    return d / "out"
+
+
+def test_sweep_on_tiny_model(sweep):
+    out = sweep
     res = json.loads((out / "results.json").read_text())
     assert res["command"].startswith("python scripts/benchmark.py --checkpoint")
     assert {"device", "name", "cores", "torch", "dtype"} <= set(res["machine"])
@@ -72,10 +82,13 @@ def test_sweep_on_tiny_model(tiny_ckpt, prompt_file, tmp_path):
     md = (out / "results.md").read_text()
     assert res["command"] in md and "| length | batch | method | gamma | budget | tok/s |" in md
     assert md.count("| 120 | ") == 6
+
+
+def test_sweep_draws_its_plots(sweep):
     if importlib.util.find_spec("matplotlib") is None:
         pytest.skip("matplotlib is not installed: the PNG plots are not drawn")
     for f in ("speedup_vs_batch.png", "throughput_vs_latency.png"):
-        assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (sweep / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_separate_draft_model(tiny_ckpt, prompt_file, tmp_path):
@@ -166,5 +179,5 @@ def test_peer_on_default_model_gives_our_tokens(default_ckpt):
     # a rate when the clock saw time pass, else an explicit note; never NaN
     assert (res["tokens_per_second"] > 0 and res["latency_ms"] > 0) if res["tokens_per_second"] is not None \
         else "too short to time" in res["note"]
-    ours = gen.generate(Transformer.from_checkpoint(default_ckpt, dtype=torch.float32), [ids], 4)[0]
+    ours = gen.generate(Transformer.from_checkpoint(default_ckpt, "cpu", torch.float32), [ids], 4)[0]
     assert res["tokens"] == ours  # same weights, greedy, fp32: the same tokens

@@ -13,6 +13,7 @@ from model import Transformer
 from tokenizer import load_tokenizer
 
 ROOT = Path(gen.__file__).parent
+CPU = ["--device", "cpu", "--dtype", "float32"]  # what these tests expect, whatever the machine has
 
 
 def cli(*argv, timeout=300):
@@ -25,7 +26,7 @@ def test_json_contract_and_prompt_sources(default_ckpt, tmp_path):
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "Bread is made from"}) + "\n\n"
                                       + json.dumps({"text": "The first law of motion"}) + "\n")
     out = tmp_path / "out.json"
-    rows, stats = gen.main(["--checkpoint", str(default_ckpt), "--prompt", "Tea or coffee?", "--prompt_file",
+    rows, stats = gen.main(["--checkpoint", str(default_ckpt), *CPU, "--prompt", "Tea or coffee?", "--prompt_file",
                           str(tmp_path / "a.txt"), "--prompt_file", str(tmp_path / "b.jsonl"), "--batch_size", "6",
                           "--max_new_tokens", "9", "--gamma", "3", "--draft_budget", "24", "--sink", "4",
                           "--json", str(out)])
@@ -57,13 +58,13 @@ def test_json_contract_and_prompt_sources(default_ckpt, tmp_path):
 
 
 def test_prompt_len_cuts_prompts(default_ckpt):
-    rows, _ = gen.main(["--checkpoint", str(default_ckpt), "--prompt", "one two three four five six seven",
+    rows, _ = gen.main(["--checkpoint", str(default_ckpt), *CPU, "--prompt", "one two three four five six seven",
                       "--prompt_len", "4", "--max_new_tokens", "3", "--draft", "none"])
     assert rows[0]["prompt_tokens"] == 4
 
 
 def test_greedy_cli_speculation_equals_plain(default_ckpt):
-    argv = ["--checkpoint", str(default_ckpt), "--prompt", "A short history of the bicycle:", "--prompt",
+    argv = ["--checkpoint", str(default_ckpt), *CPU, "--prompt", "A short history of the bicycle:", "--prompt",
             "Water boils at", "--max_new_tokens", "30"]
     plain, _ = gen.main(argv + ["--draft", "none"])
     spec, stats = gen.main(argv + ["--draft_budget", "20", "--sink", "4", "--gamma", "5"])
@@ -76,7 +77,7 @@ def test_compile_captures_each_step_once(tiny_ckpt):
     and none while generating or on a second run (CPU inductor here; CUDA graphs on GPU)."""
     torch._dynamo.reset()
     n0 = gen.unique_graphs()
-    model = Transformer.from_checkpoint(tiny_ckpt)
+    model = Transformer.from_checkpoint(tiny_ckpt, "cpu", torch.float32)
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
     ref, _, st = gen.generate(model, prompts, 12, gamma=3, budget=8, sink=2)
     assert (st["compiled_graphs"], st["compile_seconds"], st["attention"]) == (0, 0.0, "sdpa")
@@ -104,7 +105,7 @@ def test_compiled_cli_compiles_only_before_the_clock(tiny_ckpt, gamma):
     graph the run uses, each gamma --gamma auto may pick included, is compiled before timing
     starts, so Dynamo compiles nothing during the run; the tokens are the eager run's."""
     prompt = " ".join(["seven"] * 13)  # 14 tokens with the BOS-free tokenizer: + 128 new != warm-up's shapes
-    argv = ["--checkpoint", str(tiny_ckpt), "--prompt", prompt, "--prompt", "a short one", "--max_new_tokens", "128",
+    argv = ["--checkpoint", str(tiny_ckpt), *CPU, "--prompt", prompt, "--prompt", "a short one", "--max_new_tokens", "128",
             "--gamma", gamma, "--draft_budget", "16", "--sink", "4"]
     eager, st = gen.main(argv)
     assert st["compiled_graphs"] == 0

@@ -4,32 +4,19 @@ import torch
 
 from generate import generate
 from model import Transformer
-from tokenizer import load_tokenizer
-
-TEXTS = [
-    "The history of the printing press begins in the fifteenth century, when",
-    "Photosynthesis is the process by which green plants",
-    "Once upon a time",
-    "In mathematics, a prime number is a natural number greater than one that is not a product of "
-    "two smaller natural numbers. The first few primes are",
-    "Dear Sir, I write to you concerning the matter of the",
-]
-
 
 @pytest.fixture(scope="module")
-def real(default_ckpt):
-    torch.manual_seed(0)
-    model = Transformer.from_checkpoint(default_ckpt, dtype=torch.float32)
-    tok = load_tokenizer(default_ckpt)
-    prompts = [tok.encode(t) for t in TEXTS]
+def real(smol, greedy_refs):
+    """The default model, five ragged prompts and their greedy continuations (see greedy_refs)."""
+    model, tok = smol
+    prompts = greedy_refs[0][:5]
     assert len({len(p) for p in prompts}) == len(prompts)  # ragged
     return model, tok, prompts
 
 
 @pytest.fixture(scope="module")
-def ar64(real):
-    model, _, prompts = real
-    return generate(model, prompts, 64)[0]
+def ar64(greedy_refs):
+    return greedy_refs[1][:5]
 
 
 def test_incremental_decoding_equals_full_forward(real):
@@ -50,23 +37,28 @@ def test_ragged_batch_equals_rows_alone(real, ar64):
 
 
 @pytest.mark.parametrize("gamma", [1, 3, 4, 6])
-@pytest.mark.parametrize("budget", [32, 256])
-def test_greedy_self_speculation_is_exact(real, ar64, gamma, budget):
+@pytest.mark.parametrize("budget,sink", [(12, 4), (32, 16)])
+def test_greedy_self_speculation_is_exact(real, ar64, gamma, budget, sink):
+    """Every row outgrows its window (sinks + a ring of 8 or 16): the draft reads less than the target."""
     model, _, prompts = real
-    new, reasons, stats = generate(model, prompts, 64, gamma=gamma, budget=budget, sink=16)
+    assert min(map(len, prompts)) + 64 > 2 * budget
+    new, reasons, stats = generate(model, prompts, 64, gamma=gamma, budget=budget, sink=sink)
     assert new == ar64
     assert reasons == ["length"] * len(prompts)
     assert all(len(n) == 64 for n in new)
     assert 0 < stats["acceptance_rate"] <= 1 and len(stats["acceptance_by_position"]) == gamma
 
 
-def test_compiled_self_speculation_is_exact(real, ar64):
-    """The compiled path on the real model (FlexAttention block masks over a ragged batch, Inductor's
-    C++ kernels): plain decoding's tokens, as eager SDPA gives them above."""
+def test_compiled_self_speculation_is_exact(real, truncated):
+    """The compiled path on a model of the real dimensions (the default model's first 4 layers:
+    FlexAttention block masks over a ragged batch, Inductor's C++ kernels): eager plain decoding's
+    tokens."""
     model, _, prompts = real
-    new, _, stats = generate(model, prompts, 64, gamma=4, budget=32, sink=16, compile=True)
+    small = truncated(model, 4)
+    ref = generate(small, prompts, 48)[0]
+    new, _, stats = generate(small, prompts, 48, gamma=4, budget=24, sink=8, compile=True)
     assert stats["attention"] == "flex"
-    assert new == ar64
+    assert new == ref
 
 
 def test_budget_covering_everything_accepts_every_draft(real, ar64):
@@ -77,7 +69,7 @@ def test_budget_covering_everything_accepts_every_draft(real, ar64):
     assert stats["acceptance_by_position"] == [1.0] * 4
 
 
-@pytest.mark.parametrize("gamma,budget", [(1, 32), (3, 0), (6, 256)])
+@pytest.mark.parametrize("gamma,budget", [(1, 32), (3, 0), (6, 24)])
 def test_greedy_separate_draft_model_is_exact(real, ar64, truncated, gamma, budget):
     model, _, prompts = real
     draft = truncated(model, 10)
@@ -93,20 +85,19 @@ def test_eos_mid_step_and_uneven_limits(real, ar64):
     # an id that row 0 produces early and that is absent from the start of some other row
     eos = next(t for t in ar64[0][5:20] if any(t not in r[:40] for r in ar64[1:]))
     for max_new in (37, 61):
-        ref, ref_reasons, _ = generate(model, prompts, max_new, eos_ids=[eos])
+        cut = [r[:max_new] for r in ar64]  # plain decoding's tokens up to the limit and the first EOS
+        ref = [r[: r.index(eos) + 1] if eos in r else r for r in cut]
+        ref_reasons = ["eos" if eos in r else "length" for r in cut]
         assert "eos" in ref_reasons and "length" in ref_reasons
-        assert len(ref[0]) < 20 and ref[0][-1] == eos
         for gamma in (3, 5):
             new, reasons, _ = generate(model, prompts, max_new, gamma=gamma, budget=32, sink=16, eos_ids=[eos])
             assert (new, reasons) == (ref, ref_reasons), (max_new, gamma)
-            assert all(len(n) <= max_new and eos not in n[:-1] for n in new)
 
 
 def test_gamma_auto_is_exact(real, ar64):
     model, _, prompts = real
     new, _, stats = generate(model, prompts, 64, gamma="auto", budget=32, sink=16)
     assert new == ar64
-    assert len([g for g, n in stats["gamma_used"].items() if n]) >= 2  # it explored
     assert sum(stats["gamma_used"].values()) == stats["verify_steps"]
 
 
@@ -131,7 +122,7 @@ def test_a_batch_that_cannot_fit_is_refused_before_allocating(tiny_ckpt, monkeyp
     import stats
     from model import UsageError
 
-    model = Transformer.from_checkpoint(tiny_ckpt)
+    model = Transformer.from_checkpoint(tiny_ckpt, "cpu", torch.float32)
     monkeypatch.setattr(stats, "free_memory", lambda device: 64 << 20)  # 64 MiB free
     with pytest.raises(UsageError, match=r"batch 64 needs .* the largest batch that fits is (\d+)") as e:
         generate(model, [[5, 6, 7]] * 64, 400, gamma=4, budget=32, sink=4)

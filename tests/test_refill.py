@@ -13,22 +13,24 @@ import torch
 import generate as gen
 import sampling
 from model import Transformer
-from test_generate import TEXTS as BASE_TEXTS
-from tokenizer import load_tokenizer
+from test_tp import CPU, run
 
 ROOT = Path(gen.__file__).parent
-TEXTS = BASE_TEXTS + ["A recipe for bread: take flour, water and salt,"]
 LIMITS = [23, 9, 31, 14, 40, 6]  # different output lengths, none a multiple of gamma + 1
 
 
 @pytest.fixture(scope="module")
-def real(default_ckpt):
-    model = Transformer.from_checkpoint(default_ckpt, dtype=torch.float32)
-    tok = load_tokenizer(default_ckpt)
-    prompts = [tok.encode(t) for t in TEXTS]
-    alone = gen.generate(model, [prompts[2]], LIMITS[2])[0][0]
-    eos = alone[len(alone) // 2]  # a token the third prompt emits halfway: it ends on EOS
-    return model, prompts, eos
+def real(smol, greedy_refs):
+    """The default model, six prompts, an EOS id, and each prompt's plain greedy tokens under that
+    EOS and its limit: the session's reference (anchored to transformers) cut, computed once."""
+    model, _ = smol
+    prompts, ref64 = greedy_refs
+    eos = ref64[2][LIMITS[2] // 2]  # a token the third prompt emits halfway: it ends on EOS
+    refs = []
+    for r, n in zip(ref64, LIMITS):
+        r = r[:n]
+        refs.append((r[: r.index(eos) + 1], "eos") if eos in r else (r, "length"))
+    return model, prompts, eos, refs
 
 
 def run_refill(model, prompts, B, **kw):
@@ -37,24 +39,23 @@ def run_refill(model, prompts, B, **kw):
     return {r.id: r for r in dec.run(reqs)}, dec
 
 
-@pytest.mark.parametrize("kw", [dict(gamma=0), dict(gamma=4, budget=64, sink=16), dict(gamma="auto", budget=64),
+@pytest.mark.parametrize("kw", [dict(gamma=0), dict(gamma=4, budget=16, sink=4), dict(gamma="auto", budget=16, sink=4),
                                 dict(gamma=3, draft=0), dict(gamma=2, draft=24, sink=4)],
                          ids=["plain", "self-spec", "auto", "draft-model", "draft-model-window"])
 def test_refill_equals_each_prompt_alone(real, truncated, kw):
     """Greedy, more prompts than rows, EOS and limits ending rows mid-batch: every prompt's tokens
-    under refill equal that prompt decoded alone (a separate draft model: on its full cache, or
-    prefilled straight into its window)."""
-    model, prompts, eos = real
+    under refill equal plain decoding's (a separate draft model: on its full cache, or prefilled
+    straight into its window)."""
+    model, prompts, eos, refs = real
     if "draft" in kw:
         kw = {k: v for k, v in kw.items() if k != "draft"} | {"draft_model": truncated(model, 8), "budget": kw["draft"]}
     out, dec = run_refill(model, prompts, 2, eos_ids=[eos], **kw)
     assert sorted(out) == list(range(len(prompts)))
     reasons = set()
     for i, p in enumerate(prompts):
-        new, why, _ = gen.generate(model, [p], LIMITS[i], eos_ids=[eos], **kw)
-        assert (out[i].tokens, out[i].finish_reason) == (new[0], why[0]), i
+        assert (out[i].tokens, out[i].finish_reason) == refs[i], i
         assert out[i].prompt_tokens == len(p) and out[i].steps >= 1
-        reasons.add(why[0])
+        reasons.add(refs[i][1])
     assert reasons == {"eos", "length"}
     s = dec.stats()
     assert s["prompts"] == len(prompts) and s["generated_tokens"] == sum(len(r.tokens) for r in out.values())
@@ -63,7 +64,7 @@ def test_refill_equals_each_prompt_alone(real, truncated, kw):
 
 
 def test_sampled_refill_is_reproducible(real):
-    model, prompts, _ = real
+    model, prompts, _, _ = real
     kw = dict(gamma=3, budget=32, sink=4, temperature=0.9, top_p=0.95)
     runs = []
     for _ in range(2):
@@ -85,8 +86,7 @@ def write_prompts(path, n=7):
 
 
 def cli(*argv, timeout=300):
-    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, argv)], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
+    return run([sys.executable, str(ROOT / "generate.py"), *map(str, argv), *CPU], timeout)
 
 
 def read_jsonl(path):
@@ -98,7 +98,7 @@ def test_output_kill_and_resume(tiny_ckpt, tmp_path):
     uninterrupted run's (greedy), with per-line max_new_tokens and ids."""
     prompts = tmp_path / "p.jsonl"
     write_prompts(prompts, 40)
-    base = ["--checkpoint", tiny_ckpt, "--prompt_file", prompts, "--batch_size", 3, "--max_new_tokens", 40,
+    base = ["--checkpoint", tiny_ckpt, *CPU, "--prompt_file", prompts, "--batch_size", 3, "--max_new_tokens", 40,
             "--gamma", 3, "--draft_budget", 12, "--sink", 2]
     full = tmp_path / "full.jsonl"
     r = cli(*base, "--output", full)
@@ -155,18 +155,16 @@ def test_unwritable_output_fails_before_the_model_loads(tiny_ckpt, tmp_path):
 
 
 def test_dp2_shares_one_output_file(tiny_ckpt, tmp_path):
-    from test_tp import ENV
-
     f = tmp_path / "p.jsonl"
     write_prompts(f, 9)
-    argv = ["--checkpoint", tiny_ckpt, "--prompt_file", f, "--batch_size", 4, "--max_new_tokens", 12, "--gamma", 2,
-            "--draft_budget", 8, "--sink", 2]
+    argv = ["--checkpoint", tiny_ckpt, *CPU, "--prompt_file", f, "--batch_size", 4, "--max_new_tokens", 12,
+            "--gamma", 2, "--draft_budget", 8, "--sink", 2]
     one = tmp_path / "one.jsonl"
     assert cli(*argv, "--output", one).returncode == 0
     two = tmp_path / "two.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "generate.py"), *map(str, argv), "--output", str(two)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=ENV)
+    r = run(cmd)
     assert r.returncode == 0, r.stderr[-3000:]
     ref = {x["id"]: x for x in read_jsonl(one)}
     got = read_jsonl(two)
@@ -175,7 +173,7 @@ def test_dp2_shares_one_output_file(tiny_ckpt, tmp_path):
 
 def test_compiled_refills_do_not_recompile(tiny_ckpt):
     """Every graph is compiled by the warm-up; refilling rows (new prompts, other lengths) reuses them."""
-    model = Transformer.from_checkpoint(tiny_ckpt)
+    model = Transformer.from_checkpoint(tiny_ckpt, "cpu", torch.float32)
     torch.manual_seed(0)
     prompts = [torch.randint(3, 400, (n,)).tolist() for n in (5, 17, 9, 30, 3, 12, 21)]
     limits = [7, 15, 4, 11, 19, 6, 9]
@@ -201,8 +199,8 @@ def test_a_second_run_on_an_output_being_written_is_refused(tiny_ckpt, tmp_path,
     f = tmp_path / "p.jsonl"
     write_prompts(f, 6)
     out = tmp_path / "out.jsonl"
-    argv = ["--checkpoint", tiny_ckpt, "--prompt_file", f, "--batch_size", 2, "--max_new_tokens", 12, "--gamma", 2,
-            "--draft_budget", 8, "--sink", 2]
+    argv = ["--checkpoint", tiny_ckpt, *CPU, "--prompt_file", f, "--batch_size", 2, "--max_new_tokens", 12,
+            "--gamma", 2, "--draft_budget", 8, "--sink", 2]
     seconds = []
     update = cli_module.Progress.update
 
@@ -229,7 +227,7 @@ def test_a_second_run_on_an_output_being_written_is_refused(tiny_ckpt, tmp_path,
 def test_self_drafting_needs_a_window(real):
     from model import UsageError
 
-    model, prompts, _ = real
+    model, prompts, _, _ = real
     with pytest.raises(UsageError, match="self-drafting needs a window"):
         gen.Decoder(model, 2, 64, 8, gamma=2, budget=0)
 
@@ -237,7 +235,7 @@ def test_self_drafting_needs_a_window(real):
 def test_rows_refilled_together_get_their_own_caches_and_leave_the_others(tiny_ckpt):
     """Rows 0 and 2 of 4 refilled in one prefill (an index tensor, not a slice): their full caches
     and draft windows hold what a prefill of each prompt alone writes; rows 1 and 3 are untouched."""
-    model = Transformer.from_checkpoint(tiny_ckpt)
+    model = Transformer.from_checkpoint(tiny_ckpt, "cpu", torch.float32)
     torch.manual_seed(0)
     first = [gen.Request(torch.randint(3, 400, (n,)).tolist(), 8, i) for i, n in enumerate((30, 41, 25, 37))]
     new = [gen.Request(torch.randint(3, 400, (n,)).tolist(), 8, 9 + i) for i, n in enumerate((50, 19))]

@@ -1,7 +1,9 @@
 """Tensor and data parallelism on CPU (gloo, processes spawned by torchrun): the same logits and
 the same tokens as one process, on one "node" or two."""
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,12 +17,32 @@ from model import Transformer
 
 ROOT = Path(gen.__file__).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+CPU = ["--device", "cpu", "--dtype", "float32"]  # what these tests expect, whatever the machine has
 
 
-def torchrun(*argv, nproc=2, launcher=("--standalone",), script="generate.py", timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "--nproc_per_node", str(nproc),
-           str(ROOT / script), *map(str, argv)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=ENV)
+@contextlib.contextmanager
+def process_group(cmd):
+    """Popen(cmd) in a process group of its own, killed whole (torchrun's workers too) on leaving,
+    whatever the outcome."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV,
+                         start_new_session=True)
+    try:
+        yield p
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+
+
+def run(cmd, timeout=300) -> subprocess.CompletedProcess:
+    with process_group(cmd) as p:
+        out, err = p.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+def torchrun(*argv, nproc=2, script="generate.py", timeout=300):
+    return run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                str(ROOT / script), *map(str, argv)], timeout)
 
 
 def rows_of(path):
@@ -40,7 +62,7 @@ def test_tp2_logits_match_one_process(default_ckpt, tmp_path):
     torch.save({"idx": idx, "pos": pos}, tmp_path / "logits.in.pt")
     r = torchrun("logits", default_ckpt, 2, tmp_path / "logits.pt", script="tests/tp_worker.py")
     assert r.returncode == 0, r.stderr[-3000:]
-    model = Transformer.from_checkpoint(default_ckpt, dtype=torch.float32)
+    model = Transformer.from_checkpoint(default_ckpt, "cpu", torch.float32)
     model.setup_caches(3, 19)
     with torch.no_grad():
         ref = model(idx, pos)
@@ -59,7 +81,7 @@ def test_tp2_logits_match_one_process(default_ckpt, tmp_path):
                                    "--draft_budget", "12", "--sink", "4"]])
 def test_tp2_generates_what_one_process_does(default_ckpt, tmp_path, mode):
     """Greedy plain and self-speculative decoding, and seeded sampling, with a ragged batch."""
-    argv = ["--checkpoint", default_ckpt, *RAGGED, *mode]
+    argv = ["--checkpoint", default_ckpt, *RAGGED, *CPU, *mode]
     ref, _ = gen.main(list(map(str, argv)))
     r = torchrun(*argv, "--tp", 2, "--json", tmp_path / "tp.json")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -69,7 +91,7 @@ def test_tp2_generates_what_one_process_does(default_ckpt, tmp_path, mode):
 def test_tp2_greedy_gathers_no_vocabulary(default_ckpt, tmp_path):
     """Greedy TP reduces each rank's local max/argmax: the largest all-gather is a few [tp, B, T]
     tensors, never a slice of the vocabulary (49152 ids); sampling with top_k gathers [tp, B, T, k]."""
-    argv = ["--checkpoint", default_ckpt, *RAGGED, "--gamma", "3", "--draft_budget", "12", "--sink", "4"]
+    argv = ["--checkpoint", default_ckpt, *RAGGED, *CPU, "--gamma", "3", "--draft_budget", "12", "--sink", "4"]
     ref, _ = gen.main(list(map(str, argv)))
     out = tmp_path / "gathers.json"
     r = torchrun("gathers", out, *argv, "--tp", 2, script="tests/tp_worker.py")
@@ -90,7 +112,7 @@ def test_tp2_int8_generates_what_one_process_does(tiny_q, tmp_path):
 
 
 def test_dp2_x_tp2_keeps_rows_in_order(tiny_ckpt, tmp_path):
-    argv = ["--checkpoint", tiny_ckpt, "--prompt", "one", "--prompt", "two three four", "--prompt", "five six",
+    argv = ["--checkpoint", tiny_ckpt, *CPU, "--prompt", "one", "--prompt", "two three four", "--prompt", "five six",
             "--batch_size", "5", "--max_new_tokens", "10", "--gamma", "2", "--draft_budget", "6", "--sink", "2"]
     ref, _ = gen.main(list(map(str, argv)))
     r = torchrun(*argv, "--tp", 2, "--json", tmp_path / "w4.json", nproc=4)
@@ -99,20 +121,20 @@ def test_dp2_x_tp2_keeps_rows_in_order(tiny_ckpt, tmp_path):
 
 
 def test_two_nodes(default_ckpt, tmp_path):
-    """Two torchrun launchers as two "nodes" on this machine, rendezvous on 127.0.0.1."""
-    with socket.socket() as s:
+    """Two torchrun launchers as two "nodes" on this machine, rendezvous on 127.0.0.1. The port is
+    ours from binding it (SO_REUSEADDR, not listening) until the launchers end: node 0's store can
+    listen on it, no other process can take it."""
+    argv = ["--checkpoint", default_ckpt, *RAGGED, *CPU, "--gamma", "3", "--draft_budget", "12", "--sink", "4",
+            "--tp", "2"]
+    with socket.socket() as s, contextlib.ExitStack() as nodes:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    argv = ["--checkpoint", default_ckpt, *RAGGED, "--gamma", "3", "--draft_budget", "12", "--sink", "4", "--tp", "2"]
-    procs = []
-    for node in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
-               "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
-               "--rdzv_id", "magicdec-test", str(ROOT / "generate.py"), *map(str, argv),
-               "--json", str(tmp_path / f"node{node}.json")]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                                      env=ENV))
-    outs = [p.communicate(timeout=300) for p in procs]
+        procs = [nodes.enter_context(process_group([
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+            "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{s.getsockname()[1]}",
+            "--rdzv_id", "magicdec-test", str(ROOT / "generate.py"), *map(str, argv),
+            "--json", str(tmp_path / f"node{node}.json")])) for node in (0, 1)]
+        outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
     ref, _ = gen.main(list(map(str, argv[:-2])))
     assert rows_of(tmp_path / "node0.json") == [x["tokens"] for x in ref]
@@ -124,7 +146,7 @@ def test_two_nodes(default_ckpt, tmp_path):
     (4, ["--tp", "4"], "--tp 4 is more ranks than the model's 2 KV heads"),
 ])
 def test_bad_tp_fails_fast_on_every_rank(tiny_ckpt, nproc, argv, message):
-    r = torchrun("--checkpoint", tiny_ckpt, "--max_new_tokens", "4", *argv, nproc=nproc, timeout=120)
+    r = torchrun("--checkpoint", tiny_ckpt, *CPU, "--max_new_tokens", "4", *argv, nproc=nproc, timeout=120)
     assert r.returncode != 0
     ours = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
     assert len(ours) == 1 and message in ours[0], r.stderr[-3000:]  # rank 0 only
