@@ -128,11 +128,13 @@ def small():
 def test_speculative_sampling_matches_target_small_model(small, setting, monkeypatch):
     model, draft, prompt = small
     self_kw = dict(gamma=2, budget=6, sink=2)  # the prompt outgrows the window: q != p
+    snap_kw = dict(gamma=2, budget=6, sink=1, draft_cache="snapkv")  # 3 selected + a ring of 3
     sep_kw = dict(gamma=3, draft_model=draft, budget=0)  # a random draft, far from the target
     torch.manual_seed(1)
     with torch.no_grad():
         assert matches(model, prompt, setting, 20_000, True)  # plain setting passes the same check
         assert matches(model, prompt, setting, 20_000, True, **self_kw)
+        assert matches(model, prompt, setting, 20_000, True, **snap_kw)
         assert matches(model, prompt, setting, 20_000, True, **sep_kw)
         if setting[1] == 0:
             for rule in BROKEN:
@@ -185,6 +187,7 @@ def test_speculative_sampling_matches_target_real_model(default_ckpt, truncated,
     torch.manual_seed(2)
     with torch.no_grad():  # few rows: each is a real forward of the 135M model on the CPU
         assert matches(model, long, setting, 300, False, gamma=2, budget=1 + 3, sink=1)
+        assert matches(model, long, setting, 300, False, gamma=2, budget=1 + 3, sink=1, draft_cache="snapkv", ring=3)
         assert matches(model, short, setting, 300, False, gamma=1, draft_model=draft, budget=0)
         monkeypatch.setattr(sampling, "speculative_accept", accept_all)
         assert not matches(model, short, setting, 300, False, gamma=1, draft_model=draft, budget=0)
