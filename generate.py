@@ -547,8 +547,8 @@ def main(argv=None):
         raise UsageError(f"{B} rows cannot feed {world.dp_size} data-parallel groups: raise --batch_size or --tp")
     lo, hi = tp.split(B, world.dp_size, world.dp_rank)  # this group's rows
     o = Options(gamma=0 if args.draft == "none" else args.gamma, budget=args.draft_budget, sink=args.sink,
-                draft_cache=args.draft_cache, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_ids=tok.eos_ids,
-                compile=args.compile)
+                draft_cache=args.draft_cache, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                eos_ids=tok.eos_ids, compile=args.compile)
     mode = draft_mode(o.gamma, draft_ckpt is not None, o.budget)
     max_len = max(len(r.tokens) + r.max_new_tokens for r in reqs)
     S, elem = cache_len(max_len, max_gamma(o.gamma)), torch.tensor([], dtype=dtype).element_size()

@@ -1,7 +1,7 @@
 """A one-file LLaMA for inference: static KV caches with per-row positions, and small draft caches
 (StreamingLLM's attention sinks + a ring of recent positions, or SnapKV's selected prompt positions
-+ a ring) that let the same weights act as their own draft. Attention takes each row's positions as data: FlexAttention with a block mask when compiled,
-SDPA with a boolean mask when eager."""
+and a ring) that let the same weights act as their own draft. Attention takes each row's positions
+as data: FlexAttention with a block mask when compiled, SDPA with a boolean mask when eager."""
 import json
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
