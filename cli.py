@@ -199,6 +199,9 @@ def parse_args(argv=None):
     add("--draft_budget", type=int, default=256,
         help="draft KV slots: sink + recent window (0: a separate draft model's full cache)")
     add("--sink", type=int, default=16, help="attention-sink slots of the draft window")
+    add("--draft_cache", choices=["streaming", "snapkv"], default="streaming", help="the self-draft's window "
+        "(or --draft_checkpoint's): streaming = sinks + the most recent positions (StreamingLLM); snapkv = per KV "
+        "head, the prompt positions its last 32 queries attend to most, + a ring of recent positions (half the budget)")
     add("--gamma", type=gamma_arg, default="auto", help="tokens drafted per verification, or auto (the default): "
         f"chosen before every step among {AUTO_GAMMAS} from this run's measured acceptance and step times "
         "(0 = a plain decoding step)")
@@ -230,6 +233,8 @@ def check_args(args):
         raise UsageError("--draft_budget 0 (a full draft cache) needs --draft_checkpoint; self-drafting needs a window")
     if args.draft_budget:
         check_window(args.draft_budget, args.sink, max_gamma(args.gamma))
+        if args.draft_cache == "snapkv":
+            snap_split(args.draft_budget, args.sink, max_gamma(args.gamma))
 
 
 def check_window(budget: int, sink: int, gmax: int):
@@ -237,6 +242,15 @@ def check_window(budget: int, sink: int, gmax: int):
     if budget - sink < gmax + 1:
         raise UsageError(f"--draft_budget {budget} leaves fewer than gamma+1 = {gmax + 1} recent slots after "
                          f"--sink {sink}: need a budget >= {sink + gmax + 1}")
+
+
+def snap_split(budget: int, sink: int, gmax: int, ring: int | None = None) -> tuple[int, int]:
+    """A snapkv budget -> (selected slots, recent-ring slots); ring None: half the budget."""
+    ring = budget // 2 if ring is None else ring
+    if not gmax + 1 <= ring <= budget - sink:
+        raise UsageError(f"snapkv: a ring of {ring} slots of --draft_budget {budget} needs gamma+1 = {gmax + 1} <= "
+                         f"ring <= budget - --sink {sink} (the sinks are among the selected slots)")
+    return budget - ring, ring
 
 
 def device_of(args, world: tp.World) -> torch.device:

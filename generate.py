@@ -19,7 +19,7 @@ import sampling
 import stats
 import tp
 from cli import Request, Result
-from model import Transformer, UsageError, WindowCache
+from model import OBS, SnapKVCache, Transformer, UsageError, WindowCache
 from sampling import AUTO_GAMMAS, AutoGamma, Sampling, max_gamma
 from stats import Counters, Timer, cache_len, param_bytes
 
@@ -90,6 +90,8 @@ class Options:
     draft_model: Transformer | None = None  # None: the model drafts for itself, on a window
     budget: int = 256  # draft window slots per row, sinks included; 0: a separate draft model's full cache
     sink: int = 16  # attention-sink slots of the window
+    draft_cache: str = "streaming"  # the window: "streaming" (sinks + recent ring) | "snapkv" (selected + recent ring)
+    ring: int | None = None  # snapkv: recent-ring slots of the budget (None: half of it, see README)
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0
     top_p: float = 1.0
@@ -115,9 +117,11 @@ def draft_mode(gamma, separate: bool, budget: int) -> str:
 
 def memory_plan(cfg, mode: str, o: Options, B: int, S: int, elem: int, tp_size=1, draft_cfg=None, weights=None):
     """stats.memory_plan of a run: the drafter reads a window of `budget` slots, or a separate model
-    its own full cache, or there is no drafter."""
+    its own full cache, or there is no drafter; a separate model selecting its window (snapkv) prefills
+    its own full cache too."""
+    full = mode == "window" and o.draft_cache == "snapkv"
     return stats.memory_plan(cfg, B, S, elem, tp_size=tp_size, gmax=max_gamma(o.gamma),
-                             window=o.budget if mode in ("self", "window") else 0,
+                             window=o.budget + S * full if mode in ("self", "window") else 0,
                              draft_cfg=draft_cfg if mode in ("window", "full") else None, weights=weights)
 
 
@@ -174,6 +178,11 @@ class Decoder:
             raise UsageError("self-drafting needs a window: budget > 0 (budget 0 is a separate draft model's full cache)")
         if self.mode in ("self", "window"):
             cli.check_window(o.budget, o.sink, self.gmax)
+        if o.draft_cache not in ("streaming", "snapkv"):
+            raise UsageError(f"draft_cache {o.draft_cache!r}: streaming or snapkv")
+        self.snap = self.mode in ("self", "window") and o.draft_cache == "snapkv"
+        # the recent positions a window always holds: while every row's context fits, the draft reads it all
+        self.holds = cli.snap_split(o.budget, o.sink, self.gmax, o.ring)[1] if self.snap else o.budget
         self.drafter = model if self.mode in ("none", "self") else o.draft_model
         self.window = self.mode in ("self", "window")  # the drafter reads a window
         self.sampling = Sampling(o.temperature, o.top_k, o.top_p)
@@ -194,10 +203,13 @@ class Decoder:
                            batch_size, dev, weights + held(model) + (held(self.drafter) if other else 0))
 
         model.setup_caches(batch_size, self.S)
-        if other:
-            self.drafter.setup_caches(batch_size, self.S, full=self.mode == "full")
-        if self.window:
-            self.drafter.setup_draft_cache(WindowCache, sink=o.sink, window=o.budget - o.sink)  # <- a draft strategy
+        if other:  # a separate model selecting its window (snapkv) scores its own full cache
+            self.drafter.setup_caches(batch_size, self.S, full=self.mode == "full" or self.snap)
+        if self.snap:  # <- the draft strategies
+            select, ring = cli.snap_split(o.budget, o.sink, self.gmax, o.ring)
+            self.drafter.setup_draft_cache(SnapKVCache, sink=o.sink, select=select, window=ring)
+        elif self.window:
+            self.drafter.setup_draft_cache(WindowCache, sink=o.sink, window=o.budget - o.sink)
         B, gmax = batch_size, self.gmax
         z = lambda *s, dt=torch.long: torch.zeros(*s, dtype=dt, device=dev)
         self.rows = Rows(z(B), z(B), z(B), z(B), torch.ones(B, dtype=torch.bool, device=dev), z(B, dt=torch.bool))
@@ -241,7 +253,7 @@ class Decoder:
         """Prefill these rows of the batch with these prompts, all in one prefill, and make them live."""
         dev, n = self.device, len(reqs)
         self.last_pos = max(self.last_pos, max(len(r.tokens) for r in reqs) - 1)
-        self.covered = self.mode == "self" and self.last_pos + 1 + self.gmax <= self.o.budget
+        self.covered = self.mode == "self" and self.last_pos + 1 + self.gmax <= self.holds
         rows = slice(rows[0], rows[0] + n) if rows == list(range(rows[0], rows[0] + n)) else \
             torch.tensor(rows, device=dev)  # the caches' rows: a slice (views) or an index tensor
         lens = torch.tensor([len(r.tokens) for r in reqs], device=dev)
@@ -253,6 +265,9 @@ class Decoder:
             prefill(self.model, tokens, pos, rows, self.S)
         if self.mode == "self":
             self.model.fill_draft_cache(pos, rows)
+        elif self.snap:  # a separate draft model selects its window from its own prefill
+            prefill(self.drafter, tokens, pos, rows, self.S)
+            self.drafter.fill_draft_cache(pos, rows)
         elif self.mode == "window":  # a separate draft model prefills straight into its (emptied) window
             self.drafter.fill_draft_cache(pos, rows)
             prefill(self.drafter, tokens, pos, rows, self.o.budget - self.o.sink, draft=True)
@@ -318,7 +333,7 @@ class Decoder:
                 self.auto.timed(timed[0], timed[1]["draft"], timed[1]["verify"] + timed[1]["host"])
         # the window holds every live row's context up to the largest verify: a draft reads what the target does
         self.last_pos = seen.last_pos
-        self.covered = self.mode == "self" and self.last_pos + 1 + self.gmax <= self.o.budget
+        self.covered = self.mode == "self" and self.last_pos + 1 + self.gmax <= self.holds
         return [i for i, f in enumerate(seen.finished) if f]
 
     def read(self, g: int, v: Verified, new: "Commit", live: Tensor) -> "Seen":
@@ -460,15 +475,18 @@ class Decoder:
 
 def prefill(model: Transformer, tokens: Tensor, n: Tensor, rows, S: int, draft=False):
     """Fill `rows`' caches (a slice or an index tensor) with positions [0, n_b) of each row of
-    `tokens` [B', L], in chunks (of at most S slots: a draft window must not wrap in one forward)."""
+    `tokens` [B', L], in chunks (of at most S slots: a draft window must not wrap in one forward).
+    Every layer keeps the queries of each row's last OBS positions (a selecting draft cache's fill
+    scores the prompt with them: no second pass)."""
     B, a = tokens.shape[0], model.args
     chunk = min(stats.prefill_chunk(B, S, a.n_heads // a.n_kv_heads), S)
     end = int(n.max())
+    obs = None if draft else n[:, None] - OBS + torch.arange(OBS, device=tokens.device)
     for s in range(0, end, chunk):
         e = min(s + chunk, end)
         pos = torch.arange(s, e, device=tokens.device).expand(B, -1)
         # slots past a row's n get its padding: masked, and overwritten before they are read
-        model(tokens[:, s:e], pos, draft=draft, rows=rows, kv_len=None if draft else e, logits=False)
+        model(tokens[:, s:e], pos, draft=draft, rows=rows, kv_len=None if draft else e, logits=False, obs=obs)
 
 
 class Generated(NamedTuple):
@@ -530,8 +548,8 @@ def main(argv=None):
         raise UsageError(f"{B} rows cannot feed {world.dp_size} data-parallel groups: raise --batch_size or --tp")
     lo, hi = tp.split(B, world.dp_size, world.dp_rank)  # this group's rows
     o = Options(gamma=0 if args.draft == "none" else args.gamma, budget=args.draft_budget, sink=args.sink,
-                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_ids=tok.eos_ids,
-                compile=args.compile)
+                draft_cache=args.draft_cache, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                eos_ids=tok.eos_ids, compile=args.compile)
     mode = draft_mode(o.gamma, draft_ckpt is not None, o.budget)
     max_len = max(len(r.tokens) + r.max_new_tokens for r in reqs)
     S, elem = cache_len(max_len, max_gamma(o.gamma)), torch.tensor([], dtype=dtype).element_size()

@@ -1,7 +1,7 @@
-"""A one-file LLaMA for inference: static KV caches with per-row positions, and a small draft
-cache (attention sinks + a ring of recent positions) that lets the same weights act as their own
-draft. Attention takes each row's positions as data: FlexAttention with a block mask when compiled,
-SDPA with a boolean mask when eager."""
+"""A one-file LLaMA for inference: static KV caches with per-row positions, and small draft caches
+(StreamingLLM's attention sinks + a ring of recent positions, or SnapKV's selected prompt positions
+and a ring) that let the same weights act as their own draft. Attention takes each row's positions
+as data: FlexAttention with a block mask when compiled, SDPA with a boolean mask when eager."""
 import json
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -159,6 +159,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------ attention
 BLOCK = 128  # FlexAttention's block of queries and of KV slots
+OBS = 32  # a prefill keeps the queries of each row's last OBS positions (Attention.q_obs: SnapKV's observation window)
 
 
 @dataclass
@@ -170,6 +171,7 @@ class CacheArgs:
     # rows are: a slice, or an index tensor [B'] (rows refilled together)
     kv_len: int | None = None  # full-cache slots a prefill chunk reads (its queries at the same positions in every row)
     flex: bool = False  # FlexAttention or SDPA (see attend)
+    obs: Tensor | None = None  # a prefill: the positions [B', OBS] whose queries each layer keeps (Attention.keep)
     masks: dict = field(default_factory=dict)  # the full cache's mask, built by the first layer
 
 
@@ -276,7 +278,9 @@ class WindowCache(nn.Module):
     A draft cache is any module with this interface (see Transformer.setup_draft_cache):
       __init__(batch_size, n_kv_heads, head_dim, dtype, device, **options)
       update(input_pos, k, v, rows) -> (k, v, kv_pos): store the new K/V, return what a query reads
-      fill(full: KVCache, length, rows): take each row's prompt [0, length) from the full cache"""
+      fill(full: KVCache, length, rows, q): take each row's prompt [0, length) from the full cache;
+        q [B', OBS, H, D]: the prefill's queries at positions length - OBS .. length - 1 (a selecting
+        cache scores the prompt with them; this one ignores them)"""
 
     def __init__(self, batch_size, n_kv_heads, head_dim, dtype, device=None, *, sink: int, window: int):
         super().__init__()
@@ -297,23 +301,95 @@ class WindowCache(nn.Module):
         self.pos[r, s] = input_pos
         return self.k[rows], self.v[rows], self.pos[rows]
 
-    def fill(self, full: KVCache, length: Tensor, rows=slice(None)):
+    def fill(self, full: KVCache, length: Tensor, rows=slice(None), q: Tensor | None = None):
         """The sinks and the last `window` positions below each row's `length` [B'] from `full`;
         full=None empties the rows (a draft model then prefills them itself)."""
         if full is None:
             self.pos[rows] = -1
             return
         B, H = length.shape[0], self.k.shape[1]
-        last = length[:, None] - 1 - self.sink
-        j = torch.arange(self.window, device=length.device)
-        # newest position p >= sink with ring slot j and p <= length - 1
-        ring = self.sink + j + self.window * torch.div(last - j, self.window, rounding_mode="floor")
+        ring = self.sink + ring_positions(length - self.sink, self.window)
         ring = torch.where(ring >= self.sink, ring, -1)
         sinks = torch.arange(self.sink, device=length.device).expand(B, -1)
         pos = torch.cat((torch.where(sinks < length[:, None], sinks, -1), ring), dim=1)
         r = torch.arange(full.k.shape[0], device=length.device)[rows][:, None, None]
         at = (r, torch.arange(H, device=length.device)[None, :, None], pos.clamp(min=0)[:, None, :])
         self.k[rows], self.v[rows], self.pos[rows] = full.k[at], full.v[at], pos  # [B', H, sink + window, D]
+
+
+def ring_positions(n: Tensor, window: int) -> Tensor:
+    """[B'] counts -> [B', window]: the newest of positions [0, n) in ring slot j (p % window == j),
+    or a negative number where there is none."""
+    j = torch.arange(window, device=n.device)
+    return j + window * torch.div(n[:, None] - 1 - j, window, rounding_mode="floor")
+
+
+class SnapKVCache(nn.Module):
+    """A SnapKV-selected draft cache (SnapKV, arXiv 2404.14469, as MagicDec v5 drafts with it): per
+    row and KV head, `select` slots hold the prompt positions that the prompt's last OBS queries
+    attend to most (`score`), the first `sink` positions and the observation window always among
+    them; a ring of `window` slots holds the most recent positions (the prompt's last ones after
+    `fill`, then what drafts and verification write), shared by the heads. Positions differ per
+    KV head, so `pos` is [B, H_kv, select + window] (-1 = empty) and attention masks per head.
+    Keys keep their absolute rotation, as in WindowCache.
+
+    Another scoring: change `score` (observation queries and prompt keys -> a number per row, KV
+    head and position); `fill` keeps the best ones, the ring is untouched."""
+
+    def __init__(self, batch_size, n_kv_heads, head_dim, dtype, device=None, *, sink: int, select: int,
+                 window: int, pool: int = 7):
+        super().__init__()
+        assert pool % 2 == 1, "pool: an odd number of neighbouring positions"
+        self.sink, self.select, self.window, self.pool = sink, select, window, pool
+        shape = (batch_size, n_kv_heads, select + window, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("pos", torch.full(shape[:3], -1, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, rows=slice(None)):
+        """Into the ring, every head alike: position p at slot select + p % window."""
+        r, s = torch.arange(self.k.shape[0], device=k.device)[rows][:, None], self.select + input_pos % self.window
+        self.k[r, :, s] = k
+        self.v[r, :, s] = v
+        self.pos[r, :, s] = input_pos[..., None]  # [B', T, H_kv]
+        return self.k[rows], self.v[rows], self.pos[rows]
+
+    def score(self, q: Tensor, k: Tensor, length: Tensor) -> Tensor:
+        """q [B', w, H, D]: the queries at positions length - w .. length - 1; k [B', H_kv, L, D]: the
+        prompts' keys -> [B', H_kv, L]: each position's attention weight from the w queries, summed
+        over them and over the KV head's G query heads, averaged over `pool` neighbours."""
+        B, w, H, D = q.shape
+        Hkv, L = k.shape[1], k.shape[2]
+        G = H // Hkv
+        q = q.float().view(B, w, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * w, D)  # row g*w + j
+        qp = (length[:, None] - w + torch.arange(w, device=q.device)).repeat(1, G)[:, None, :, None]  # [B', 1, G*w, 1]
+        a = (q @ k.float().transpose(-1, -2)) * D ** -0.5  # [B', H_kv, G*w, L]: a few queries, never L x L
+        a = a.masked_fill(torch.arange(L, device=q.device) > qp, -math.inf).softmax(-1)
+        a = a.masked_fill(qp < 0, 0).sum(2)  # queries before the prompt's start (a short prompt) count nothing
+        return F.avg_pool1d(a, self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)
+
+    def fill(self, full: KVCache, length: Tensor, rows=slice(None), q: Tensor | None = None):
+        """Select each row's slots from its prompt [0, length [B']) in `full`, scored with the prefill's
+        queries q [B', OBS, H, D] at its last positions; full=None empties the rows."""
+        if full is None:
+            self.pos[rows] = -1
+            return
+        dev, H = length.device, self.k.shape[1]
+        r = torch.arange(full.k.shape[0], device=dev)[rows]
+        L = max(int(length.max()), 1)
+        k = full.k[:, :, :L][rows]  # [B', H_kv, L, D]
+        n = max(1, (1 << 26) // (q.shape[1] * q.shape[2] * L))  # rows per score tensor: <= 2^26 elements
+        s = torch.cat([self.score(q[i: i + n], k[i: i + n], length[i: i + n]) for i in range(0, len(r), n)])
+        p = torch.arange(L, device=dev)
+        before = p < (length - self.window)[:, None]  # [B', L]: positions the ring does not hold
+        forced = before & ((p < self.sink) | (p >= (length - q.shape[1])[:, None]))  # sinks, observation window
+        s = s.masked_fill(~before[:, None], -math.inf).masked_fill(forced[:, None], math.inf)
+        top, sel = F.pad(s, (0, max(0, self.select - L)), value=-math.inf).topk(self.select, -1)  # [B', H, select]
+        sel = torch.where(top > -math.inf, sel, -1).sort(-1).values
+        ring = ring_positions(length, self.window).clamp(min=-1)[:, None].expand(-1, H, -1)
+        pos = torch.cat((sel, ring), -1)  # [B', H, select + window]
+        at = (r[:, None, None], torch.arange(H, device=dev)[None, :, None], pos.clamp(min=0))
+        self.k[rows], self.v[rows], self.pos[rows] = full.k[at], full.v[at], pos
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -338,6 +414,17 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
         self.draft_cache: nn.Module | None = None
+        self.q_obs: Tensor | None = None  # [B', OBS, H, D]: the last prefill's queries at CacheArgs.obs
+
+    def keep(self, q: Tensor, input_pos: Tensor, obs: Tensor):
+        """q [B', T, H, D] of a prefill chunk (every row's queries at the same positions): keep those
+        at obs [B', OBS] into q_obs. Each position is in one chunk; one not prefilled (< 0) keeps a
+        stale query, which the draft cache's fill ignores."""
+        i = obs - input_pos[:1, :1]  # [B', OBS]: index into this chunk
+        got = q.gather(1, i.clamp(0, q.shape[1] - 1)[..., None, None].expand(-1, -1, *q.shape[2:]))
+        if self.q_obs is None or self.q_obs.shape != got.shape:
+            self.q_obs = torch.zeros_like(got)
+        self.q_obs = torch.where(((i >= 0) & (i < q.shape[1]))[..., None, None], got, self.q_obs)
 
     def forward(self, x, cos, sin, input_pos, c: CacheArgs):
         B, T, _ = x.shape
@@ -346,6 +433,8 @@ class Attention(nn.Module):
         q = apply_rope(q.view(B, T, H, D), cos, sin)
         k = apply_rope(k.view(B, T, Hkv, D), cos, sin)
         v = v.view(B, T, Hkv, D)
+        if c.obs is not None:  # a prefill: the observation window's queries, for the draft cache's fill
+            self.keep(q, input_pos, c.obs)
         if c.draft:
             k_all, v_all, kv_pos = self.draft_cache.update(input_pos, k, v, c.rows)
         else:
@@ -432,25 +521,28 @@ class Transformer(nn.Module):
         self.draft_key = key
 
     def fill_draft_cache(self, length: Tensor, rows=slice(None)):
-        """After a prefill: each draft cache takes rows' prompts [0, length) from the full cache."""
+        """After a prefill of these rows: each draft cache takes their prompts [0, length) from the
+        full cache, with the prefill's queries at their last OBS positions."""
         for b in self.layers:
-            b.attention.draft_cache.fill(b.attention.kv_cache, length, rows)
+            a = b.attention
+            a.draft_cache.fill(a.kv_cache, length, rows, a.q_obs)
 
     def free_caches(self):
         for b in self.layers:
-            b.attention.kv_cache = b.attention.draft_cache = None
+            b.attention.kv_cache = b.attention.draft_cache = b.attention.q_obs = None
         self.batch_size = self.max_seq_len = -1
 
     def forward(self, idx: Tensor, input_pos: Tensor, draft=False, to_draft=False, rows=slice(None), kv_len=None,
-                flex=False, logits: bool | str = True) -> Tensor | None:
+                flex=False, logits: bool | str = True, obs: Tensor | None = None) -> Tensor | None:
         """idx, input_pos: [B', T] tokens at per-row positions of `rows` (a slice of the caches' batch
         or an index tensor [B'])
         -> logits [B', T, V] (under tensor parallelism: this rank's slice of the vocabulary).
         draft: read/write the draft cache instead of the full cache; to_draft: also write the draft
         cache; kv_len: the full cache's slots the queries may read (a prefill chunk: every row's
         queries at the same positions); flex: see attend; logits: False (none), "last" (the last
-        position's only, [B', 1, V])."""
-        c = CacheArgs(draft, to_draft, rows, kv_len, flex)
+        position's only, [B', 1, V]); obs: a prefill chunk's rows keep their queries at these
+        positions [B', OBS] (Attention.keep)."""
+        c = CacheArgs(draft, to_draft, rows, kv_len, flex, obs)
         cos, sin = self.cos[input_pos][:, :, None], self.sin[input_pos][:, :, None]
         x = self.tok_embeddings(idx)
         for b in self.layers:

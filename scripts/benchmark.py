@@ -46,7 +46,7 @@ DEFAULTS = {"batch_size": [1, 8, 32], "prompt_len": [2048, 6144], "budget": [256
             "draft_budget": [0], "sink": 16, "max_new_tokens": 64, "repeats": 3, "warmup": 1}
 QUICK = {"batch_size": [1, 4], "prompt_len": [512, 1024], "budget": [64], "gamma": [2, 4, "auto"],
          "max_new_tokens": 32, "repeats": 2, "warmup": 1}
-AR = ("ar", 0, None)  # a config: (method, gamma, budget)
+AR = ("ar", 0, None, None, None)  # a config: (method, gamma, budget, draft cache, snapkv ring slots or None)
 FIELDS = ("tokens_per_second", "latency_ms", "speedup", "forward_speedup", "loop_overhead", "vs_hf",
           "acceptance_rate", "mean_accepted",
           "acceptance_by_position", "gamma_used", "lossless", "decode_step_s", "draft_forward_s", "verify_step_s",
@@ -65,6 +65,10 @@ def parse_args(argv):
                     "sinks included"), ("draft_budget", "window slots of --draft_checkpoint's model, 0 = full cache")):
         add(f"--{k}", type=int, nargs="+", metavar="N", help=f"{what} (default: {fmt(d[k])})")
     add("--gamma", type=gamma_arg, nargs="+", help=f"drafts per verification, >= 1 or auto ({fmt(d['gamma'])})")
+    add("--draft_cache", nargs="+", choices=["streaming", "snapkv"], default=["streaming"],
+        help="the self-draft's cache strategies (default: streaming)")
+    add("--ring", type=float, nargs="+", metavar="F", help="snapkv: recent-ring slots as fractions of each budget "
+        "(default: generate's default split)")
     for k, what in (("sink", "attention-sink slots of every draft window"), ("max_new_tokens", "tokens per row"),
                     ("repeats", "timed repeats (rows give medians)"), ("warmup", "untimed rounds per config")):
         add(f"--{k}", type=int, help=f"{what} (default: {d[k]})")
@@ -107,9 +111,17 @@ def check_args(a):
     for b in [b for b in a.budget if b < need] + [b for b in a.draft_budget if a.draft_checkpoint and 0 < b < need]:
         raise UsageError(f"--budget {b} leaves fewer than gamma+1 recent slots after --sink {a.sink}"
                          f"{' (auto may draft 6)' if 'auto' in a.gamma else ''}: need >= {need}")
+    for b in a.budget if "snapkv" in a.draft_cache else []:
+        for r in ring_slots(a, b):
+            cli.snap_split(b, a.sink, max(map(max_gamma, a.gamma)), r)
     for flag, f in (("--prompt_file", a.prompt_file), ("--hf_model", a.hf_model)):
         if f is not None and not Path(f).exists():
             raise UsageError(f"{flag} {f}: no such file or directory")
+
+
+def ring_slots(a, budget: int) -> list:
+    """snapkv's ring sizes at this budget: --ring's fractions, or [None] (the default split)."""
+    return [round(f * budget) for f in a.ring] if a.ring else [None]
 
 
 def machine_info(device: torch.device, dtype: torch.dtype) -> dict:
@@ -232,6 +244,7 @@ def hf_measure(hf, prompts: list[list[int]], N: int, *, compile=False, repeats=1
 # ---------------------------------------------------------------------------------------- results
 def empty_row(L, B, c, sink) -> dict:
     return {"prompt_len": L, "batch_size": B, "method": c[0], "gamma": c[1], "budget": c[2], "sink": sink,
+            "draft_cache": c[3], "ring": c[4],
             **dict.fromkeys(FIELDS), "repeats": [], "skipped": None}
 
 
@@ -257,6 +270,7 @@ def summarize_runs(c, runs: list[dict], ar_runs: list[dict] | None, B: int, call
         return row | {"decode_step_s": med(lambda s: s["decode_seconds"] / s["verify_steps"])}
     m = stats.merge_stats(runs)  # the repeats' counts summed: acceptance over all of them
     row |= {k: m[k] for k in ("acceptance_rate", "mean_accepted", "acceptance_by_position")}
+    row["fill_seconds"] = med(lambda s: s["prefill_seconds"])  # prefilled runs: the draft cache's fill alone
     row |= {"draft_forward_s": med(lambda s: s["draft_seconds"] / max(s["draft_forwards"], 1)),
             "verify_step_s": med(lambda s: s["verify_seconds"] / max(s["verify_steps"], 1))}
     if "gamma_used" in m:
@@ -291,16 +305,18 @@ class Bench:
         self.notes += [f"peer skipped: {self.hf_skip}"] if self.hf_skip else []
 
     def groups(self) -> list[list[tuple]]:
-        """The speculative configs by draft cache (method, budget): a group's runs share one cache."""
+        """The speculative configs by draft cache (method, budget, strategy, ring): a group's runs share one cache."""
         a, out = self.a, {}
-        for c in [("self", g, b) for b in a.budget for g in a.gamma] + (
-                [("draft", g, b) for b in a.draft_budget for g in a.gamma] if self.draft else []):
-            out.setdefault((c[0], c[2]), []).append(c)
+        for c in [("self", g, b, k, r) for b in a.budget for k in a.draft_cache
+                  for r in (ring_slots(a, b) if k == "snapkv" else [None]) for g in a.gamma] + (
+                [("draft", g, b, "streaming", None) for b in a.draft_budget for g in a.gamma] if self.draft else []):
+            out.setdefault((c[0], *c[2:]), []).append(c)
         return list(out.values())
 
     def run_ours(self, prompts, c, prefilled=True, seed=0):
         a = self.a
         kw = dict(gamma=c[1], draft_model=self.draft if c[0] == "draft" else None, budget=c[2] or 0, sink=a.sink,
+                  draft_cache=c[3] or "streaming", ring=c[4],
                   temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, compile=a.compile)
         torch.manual_seed(seed)
         return generate(self.model, prompts, a.max_new_tokens, prefilled=prefilled, **kw)
@@ -316,7 +332,7 @@ class Bench:
         prompts, calls, timed = rows_of(self.prompts[L], B), {}, {c: [] for c in rows}  # timed: (run, its AR, miss)
 
         def run(c, seed=a.seed, prefilled=True):
-            bar.set_postfix_str(f"{c[0]} gamma={c[1]} budget={c[2]}")
+            bar.set_postfix_str(f"{c[0]} gamma={c[1]} budget={c[2]} {c[3] or ''}")
             new, _, st = self.run_ours(prompts, c, prefilled, seed)
             calls.setdefault(c, []).append(st)
             return new, st
@@ -447,9 +463,13 @@ def markdown(p: dict) -> str:
             notes.append("gamma used " + " ".join(f"{g}:{n}" for g, n in r["gamma_used"].items()))
         if r["compiled_graphs"]:
             notes.append(f"compiled {r['compiled_graphs']} graphs in {r['compile_seconds']:.0f} s")
+        if r.get("fill_seconds") is not None:
+            notes.append(f"draft fill {r['fill_seconds']:.2f} s")
         lossless = {True: "yes", False: "**NO**", None: ""}[r["lossless"]]
+        method = r["method"] + (f" {r['draft_cache']}" if r.get("draft_cache") == "snapkv" else "") + (
+            f" ring {r['ring']}" if r.get("ring") else "")
         lines.append(
-            f"| {r['prompt_len']} | {r['batch_size']} | {r['method']} | {_f(r['gamma'], '', '')} | "
+            f"| {r['prompt_len']} | {r['batch_size']} | {method} | {_f(r['gamma'], '', '')} | "
             f"{_f(r['budget'], '', '')} | {_f(r['tokens_per_second'])} | {_f(r['speedup'], '.2f')} | "
             f"{_f(r['forward_speedup'], '.2f')} | {_f(r['loop_overhead'] and 100 * r['loop_overhead'], '.1f')}"
             f"{'%' if r['loop_overhead'] is not None else ''} | "

@@ -1,22 +1,22 @@
 """model.attend: compiled FlexAttention and eager SDPA against a plain reference with an explicit
-mask, for the full cache and the draft window, ragged rows, GQA groups 1, 3 and 8, and query
+mask, for the full cache and the draft caches (StreamingLLM's window; SnapKV's per-KV-head
+positions), ragged rows, GQA groups 1, 3 and 8, and query
 lengths 1 (decode), 5 (verify) and a prefill chunk spanning two query blocks."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import BLOCK, CacheArgs, KVCache, WindowCache, attend, block_mask
+from model import BLOCK, OBS, CacheArgs, KVCache, SnapKVCache, WindowCache, attend, block_mask
 from test_draft_cache import kept
 
 
 def reference(q, k, v, q_pos, kv_pos):
     """Each query head h reads KV head h // G; a slot is visible iff 0 <= its position <= the query's."""
-    S = k.shape[2]
+    S, G = k.shape[2], q.shape[1] // k.shape[1]
     kv_pos = torch.arange(S).expand(q.shape[0], S) if kv_pos is None else kv_pos
-    vis = (kv_pos[:, None, :] >= 0) & (kv_pos[:, None, :] <= q_pos[..., None])  # [B, T, S]
-    G = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1),
-                                          attn_mask=vis[:, None])
+    kv_pos = kv_pos[:, None] if kv_pos.dim() == 2 else kv_pos.repeat_interleave(G, 1)  # [B, 1 or H, S]
+    vis = (kv_pos[:, :, None, :] >= 0) & (kv_pos[:, :, None, :] <= q_pos[:, None, :, None])  # [B, 1 or H, T, S]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), attn_mask=vis)
 
 
 def full_case(G, T, seed=0):
@@ -51,12 +51,31 @@ def window_case(G, T, seed=0):
     return torch.randn(B, Hkv * G, T, D), k, v, q_pos, kv_pos
 
 
+def snapkv_case(G, T, seed=0):
+    """A SnapKVCache (24 selected slots, 2 of them sinks, + a ring of 40), rows of lengths 3, 50 and
+    300: positions differ per KV head."""
+    torch.manual_seed(seed)
+    B, Hkv, D = 3, 2, 32
+    full = KVCache(B, Hkv, 512, D, torch.float32)
+    full.k.normal_()
+    full.v.normal_()
+    c = SnapKVCache(B, Hkv, D, torch.float32, sink=2, select=24, window=40)
+    length = torch.tensor([3, 50, 300])
+    c.fill(full, length, q=torch.randn(B, OBS, Hkv * G, D))
+    q_pos = length[:, None] + torch.arange(T)
+    k, v, kv_pos = c.update(q_pos, torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D))
+    assert kv_pos.shape == (B, Hkv, 64) and not torch.equal(kv_pos[2, 0], kv_pos[2, 1])  # per KV head
+    return torch.randn(B, Hkv * G, T, D), k, v, q_pos, kv_pos
+
+
 CASES = [(full_case, 1, 1), (full_case, 3, 5), (full_case, 8, BLOCK + 2),
-         (window_case, 8, 1), (window_case, 1, 5), (window_case, 3, 40)]
+         (window_case, 8, 1), (window_case, 1, 5), (window_case, 3, 40),
+         (snapkv_case, 3, 1), (snapkv_case, 8, 5), (snapkv_case, 1, 20)]
 
 
 @pytest.mark.parametrize("make,G,T", CASES, ids=[f"{m.__name__}-G{g}-T{t}" for m, g, t in CASES])
-def test_attention_backends_match_the_reference(make, G, T):
+def test_attention_backends_match_the_reference(make, G, T, monkeypatch):
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)  # a graph per case, one code object
     q, k, v, q_pos, kv_pos = make(G, T)
     ref = reference(q, k, v, q_pos, kv_pos)
     torch.testing.assert_close(attend(q, k, v, q_pos, kv_pos, CacheArgs()), ref, rtol=1e-5, atol=1e-5)

@@ -105,6 +105,21 @@ def test_separate_draft_model(tiny_ckpt, prompt_file, tmp_path):
         assert r["sink"] == (4 if r["budget"] else None) and (r["budget"] or r["acceptance_rate"] == 1.0)
 
 
+def test_both_draft_caches(tiny_ckpt, prompt_file, tmp_path):
+    """--draft_cache streaming snapkv with --ring fractions: a row per (budget, cache, ring), each
+    checked lossless, with its draft cache's fill time (the prefilled runs' only prefill work)."""
+    out = tmp_path / "out"
+    args = sweep_args(tiny_ckpt, prompt_file, out, "--draft_cache", "streaming", "snapkv", "--ring", "0.25", "0.5",
+                      "--acceptance_only", "--no_plots")
+    args[args.index("--batch_size") + 1: args.index("--prompt_len")] = ["2"]
+    args[args.index("--gamma") + 1: args.index("--budget")] = ["2"]
+    assert benchmark.main(args) == 0
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert sorted((r["draft_cache"], r["ring"] or 0) for r in rows) == [("snapkv", 8), ("snapkv", 16), ("streaming", 0)]
+    assert all(r["lossless"] is True and r["fill_seconds"] > 0 for r in rows)
+    assert "| self snapkv ring 8 | 2 | 32 |" in (out / "results.md").read_text()
+
+
 def test_a_shape_that_does_not_fit_is_skipped_with_generates_reason(tiny_ckpt, prompt_file, tmp_path, monkeypatch):
     monkeypatch.setattr(stats, "free_memory", lambda device: 1000)
     out = tmp_path / "out"
@@ -120,6 +135,7 @@ def test_a_shape_that_does_not_fit_is_skipped_with_generates_reason(tiny_ckpt, p
     (["--prompt_len", "4000"], "no prompt has 4000 tokens"),
     (["--repeats", "0"], "--repeats must be >= 1"),
     (["--max_new_tokens", "1"], "--max_new_tokens >= 2"),
+    (["--draft_cache", "snapkv", "--ring", "0.05"], "snapkv: a ring of 2 slots"),
 ])
 def test_bad_flags_are_usage_errors(tiny_ckpt, prompt_file, tmp_path, extra, message):
     with pytest.raises(UsageError, match=message):

@@ -34,7 +34,7 @@ def test_json_contract_and_prompt_sources(default_ckpt, tmp_path):
     assert set(j) == {"config", "rows", "stats"}
     for flag in ("checkpoint", "prompt", "prompt_file", "prompt_len", "batch_size", "max_new_tokens", "temperature",
                  "top_k", "top_p", "seed", "device", "dtype", "compile", "json", "draft", "draft_checkpoint",
-                 "draft_budget", "sink", "gamma"):
+                 "draft_budget", "sink", "draft_cache", "gamma"):
         assert flag in j["config"]
     assert j["config"]["batch_size"] == 6 and j["config"]["gamma"] == 3
     for key in ("generated_tokens", "seconds", "tokens_per_second", "end_to_end_tokens_per_second",
@@ -139,6 +139,8 @@ def test_a_batch_that_cannot_fit_is_refused_before_loading(default_ckpt):
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--top_p", "0"], "--device cuda: no CUDA device"
      if not torch.cuda.is_available() else "0 < --top_p <= 1"),
     (["--draft_budget", "8", "--sink", "16"], "--draft_budget 8"),
+    (["--draft_cache", "h2o"], "argument --draft_cache: invalid choice: 'h2o'"),
+    (["--draft_cache", "snapkv", "--draft_budget", "24", "--sink", "16"], "snapkv: a ring of 12 slots"),
     (["--prompt_file", "/nonexistent.jsonl"], "no such file"),
 ])
 def test_bad_input_is_one_line(default_ckpt, argv, message):

@@ -49,6 +49,16 @@ def test_greedy_self_speculation_is_exact(real, ar64, gamma, budget, sink):
     assert 0 < stats["acceptance_rate"] <= 1 and len(stats["acceptance_by_position"]) == gamma
 
 
+@pytest.mark.parametrize("gamma,budget,ring", [(4, 32, None), (3, 64, 48)])
+def test_greedy_snapkv_self_speculation_is_exact(real, ar64, gamma, budget, ring):
+    """A SnapKV-selected draft cache (here 4 sinks + the selection + a ring) over ragged rows
+    longer than its ring: still plain decoding's tokens."""
+    model, _, prompts = real
+    new, _, stats = generate(model, prompts, 64, gamma=gamma, budget=budget, sink=4, draft_cache="snapkv", ring=ring)
+    assert new == ar64
+    assert 0 < stats["acceptance_rate"] < 1
+
+
 def test_compiled_self_speculation_is_exact(real, truncated):
     """The compiled path on a model of the real dimensions (the default model's first 4 layers:
     FlexAttention block masks over a ragged batch, Inductor's C++ kernels): eager plain decoding's

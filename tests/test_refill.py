@@ -40,8 +40,9 @@ def run_refill(model, prompts, B, **kw):
 
 
 @pytest.mark.parametrize("kw", [dict(gamma=0), dict(gamma=4, budget=16, sink=4), dict(gamma="auto", budget=16, sink=4),
+                                dict(gamma=3, budget=24, sink=4, draft_cache="snapkv"),
                                 dict(gamma=3, draft=0), dict(gamma=2, draft=24, sink=4)],
-                         ids=["plain", "self-spec", "auto", "draft-model", "draft-model-window"])
+                         ids=["plain", "self-spec", "auto", "snapkv", "draft-model", "draft-model-window"])
 def test_refill_equals_each_prompt_alone(real, truncated, kw):
     """Greedy, more prompts than rows, EOS and limits ending rows mid-batch: every prompt's tokens
     under refill equal plain decoding's (a separate draft model: on its full cache, or prefilled
@@ -232,14 +233,16 @@ def test_self_drafting_needs_a_window(real):
         gen.Decoder(model, 2, 64, 8, gamma=2, budget=0)
 
 
-def test_rows_refilled_together_get_their_own_caches_and_leave_the_others(tiny_ckpt):
+@pytest.mark.parametrize("cache", ["streaming", "snapkv"])
+def test_rows_refilled_together_get_their_own_caches_and_leave_the_others(tiny_ckpt, cache):
     """Rows 0 and 2 of 4 refilled in one prefill (an index tensor, not a slice): their full caches
-    and draft windows hold what a prefill of each prompt alone writes; rows 1 and 3 are untouched."""
+    and draft windows (positions per KV head for snapkv) hold what a prefill of each prompt alone
+    writes; rows 1 and 3 are untouched."""
     model = Transformer.from_checkpoint(tiny_ckpt, "cpu", torch.float32)
     torch.manual_seed(0)
     first = [gen.Request(torch.randint(3, 400, (n,)).tolist(), 8, i) for i, n in enumerate((30, 41, 25, 37))]
     new = [gen.Request(torch.randint(3, 400, (n,)).tolist(), 8, 9 + i) for i, n in enumerate((50, 19))]
-    dec = gen.Decoder(model, 4, 64, 8, gamma=3, budget=16, sink=2)
+    dec = gen.Decoder(model, 4, 64, 8, gamma=3, budget=16, sink=2, draft_cache=cache)
     with torch.no_grad():
         dec.prefill([0, 1, 2, 3], first)
         for _ in range(2):
@@ -249,7 +252,7 @@ def test_rows_refilled_together_get_their_own_caches_and_leave_the_others(tiny_c
         before = caches()
         dec.prefill([0, 2], new)
         after = caches()
-        alone = gen.Decoder(model, 1, 64, 8, gamma=3, budget=16, sink=2)
+        alone = gen.Decoder(model, 1, 64, 8, gamma=3, budget=16, sink=2, draft_cache=cache)
         for row, req in zip((0, 2), new):
             alone.prefill([0], [req])
             n = len(req.tokens) - 1  # prefilled positions: all but the pending last token

@@ -188,11 +188,13 @@ def test_speculative_sampling_matches_target_small_model(small, setting, monkeyp
     draft model with 1 (the second token: often the bonus); every broken rule fails the latter."""
     model, draft, prompt = small
     self_kw = dict(gamma=2, budget=6, sink=2)  # the prompt outgrows the window: q != p
+    snap_kw = dict(gamma=2, budget=6, sink=1, draft_cache="snapkv")  # 3 selected + a ring of 3
     sep_kw = dict(gamma=1, draft_model=draft, budget=0)  # a random draft, far from the target
     torch.manual_seed(1)
     with torch.no_grad():
         assert matches(model, prompt, setting, 20_000)  # plain sampling passes the same check
         assert matches(model, prompt, setting, 20_000, **self_kw)
+        assert matches(model, prompt, setting, 20_000, **snap_kw)
         assert matches(model, prompt, setting, 20_000, **sep_kw)
         if setting[1] == 0:
             for rule in BROKEN:
@@ -252,7 +254,8 @@ def step_rejected(p1, p2, a, first, t) -> bool:
     return any(s > bound for s, bound, _ in (chi2(first, p1), chi2(t[a == 1], p2, given=first[a == 1])))
 
 
-def test_speculative_sampling_matches_target_real_model(smol, monkeypatch):
+@pytest.mark.parametrize("draft_cache", ["streaming", "snapkv"])
+def test_speculative_sampling_matches_target_real_model(smol, draft_cache, monkeypatch):
     """The real model self-drafting on a window that the prompt outgrows (gamma 1, 2 tokens: the
     second is the bonus when the draft passes). The pipeline hands the rule the model's exact
     distributions (the oracle's, at the right positions); its first step's tokens follow them; and
@@ -271,11 +274,9 @@ def test_speculative_sampling_matches_target_real_model(smol, monkeypatch):
 
     monkeypatch.setattr(sampling, "speculative_accept", spy)
     torch.manual_seed(2)
-    model.setup_caches(n, stats.cache_len(L + 2, 1))  # one prefill, copied to every row
-    gen.prefill(model, torch.tensor([prompt]), torch.tensor([L - 1]), slice(0, 1), model.max_seq_len)
-    for b in model.layers:
-        b.attention.kv_cache.k[1:], b.attention.kv_cache.v[1:] = b.attention.kv_cache.k[:1], b.attention.kv_cache.v[:1]
-    out, _, _ = gen.generate(model, [prompt] * n, 2, prefilled=True, gamma=1, budget=1 + 3, sink=1,
+    model.setup_caches(n, stats.cache_len(L + 2, 1))  # every row prefilled (each keeps its own queries for snapkv)
+    gen.prefill(model, torch.tensor([prompt] * n), torch.full((n,), L - 1), slice(0, n), model.max_seq_len)
+    out, _, _ = gen.generate(model, [prompt] * n, 2, prefilled=True, gamma=1, budget=1 + 3, sink=1, draft_cache=draft_cache,
                              temperature=setting[0], top_k=setting[1], top_p=setting[2])
     out = torch.tensor(out)
     p, q, d, a, t = seen[0]  # the first step: every row after the same prompt

@@ -75,12 +75,14 @@ def test_tp2_logits_match_one_process(default_ckpt, tmp_path):
 
 @pytest.mark.parametrize("mode", [["--draft", "none"], ["--gamma", "3", "--draft_budget", "12", "--sink", "4"],
                                   ["--gamma", "auto", "--draft_budget", "16", "--sink", "4"],
+                                  ["--gamma", "3", "--draft_budget", "16", "--sink", "2", "--draft_cache", "snapkv"],
                                   ["--temperature", "0.8", "--top_k", "50", "--seed", "7", "--gamma", "2",
                                    "--draft_budget", "12", "--sink", "4"],
                                   ["--temperature", "0.9", "--top_p", "0.9", "--seed", "3", "--gamma", "3",
                                    "--draft_budget", "12", "--sink", "4"]])
 def test_tp2_generates_what_one_process_does(default_ckpt, tmp_path, mode):
-    """Greedy plain and self-speculative decoding, and seeded sampling, with a ragged batch."""
+    """Greedy plain and self-speculative decoding (both draft caches), and seeded sampling, with a
+    ragged batch."""
     argv = ["--checkpoint", default_ckpt, *RAGGED, *CPU, *mode]
     ref, _ = gen.main(list(map(str, argv)))
     r = torchrun(*argv, "--tp", 2, "--json", tmp_path / "tp.json")

@@ -1,0 +1,105 @@
+"""Mutants of the draft caches (issue 19): each is a copy of the repository with one realistic bug,
+and the tests named beside it must fail on it (they pass on the unmutated code).
+    python tests/mutants.py [NAME ...]     # all mutants by default; prints CAUGHT or SURVIVED per mutant"""
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1]
+SN = "tests/test_snapkv.py"
+CONTENT = f"{SN}::test_fill_and_updates_keep_what_an_independent_reading_says"
+REFILL = f"{SN}::test_refilled_rows_get_their_own_selection_and_leave_the_others"
+KEEP = f"{SN}::test_prefill_keeps_each_rows_observation_queries"
+ATT = "tests/test_attention.py::test_attention_backends_match_the_reference"
+MUTANTS = {  # name: (file, code, the bug, the tests that must catch it)
+    'scores summed over the wrong query heads': (
+        'model.py',
+        'q.float().view(B, w, Hkv, G, D).permute(0, 2, 3, 1, 4)',
+        'q.float().view(B, w, G, Hkv, D).permute(0, 3, 2, 1, 4)',
+        [CONTENT]),
+    'ring slot off by one in update': (
+        'model.py',
+        'self.select + input_pos % self.window',
+        'self.select + (input_pos + 1) % self.window',
+        [CONTENT]),
+    'selection not per head (scores summed over KV heads)': (
+        'model.py',
+        '        p = torch.arange(L, device=dev)\n        before',
+        '        s = s.sum(1, keepdim=True).expand_as(s)\n        p = torch.arange(L, device=dev)\n        before',
+        [CONTENT]),
+    'a refill empties every row first': (
+        'model.py',
+        '        dev, H = length.device, self.k.shape[1]\n',
+        '        dev, H = length.device, self.k.shape[1]\n        self.pos.fill_(-1)\n',
+        [REFILL]),
+    'kept queries one position off': (
+        'model.py',
+        'i = obs - input_pos[:1, :1]',
+        'i = obs - input_pos[:1, :1] + 1',
+        [KEEP]),
+    'the prefill keeps no queries': (
+        'model.py',
+        "            self.keep(q, input_pos, c.obs)\n",
+        "            pass\n",
+        [KEEP]),
+    "score mask hides the query's own position": (
+        'model.py',
+        'torch.arange(L, device=q.device) > qp',
+        'torch.arange(L, device=q.device) >= qp',
+        [CONTENT]),
+    'no pooling': (
+        'model.py',
+        '        return F.avg_pool1d(a, self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)',
+        '        return a',
+        [CONTENT]),
+    'sinks not forced': (
+        'model.py',
+        'forced = before & ((p < self.sink) | ',
+        'forced = before & ((p < 0) | ',
+        [CONTENT]),
+    'observation window not forced': (
+        'model.py',
+        '| (p >= (length - q.shape[1])[:, None]))',
+        '| (p < 0))',
+        [CONTENT]),
+    'selection ignores the ring (ring positions also selected)': (
+        'model.py',
+        's = s.masked_fill(~before[:, None], -math.inf)',
+        's = s.masked_fill(~(p < length[:, None])[:, None], -math.inf)',
+        [CONTENT]),
+    "FlexAttention mask reads KV head 0's positions for every head": (
+        'model.py',
+        'kp = kv_pos[b, h, ki.clamp(max=kmax)]',
+        'kp = kv_pos[b, 0, ki.clamp(max=kmax)]',
+        [ATT + "[snapkv_case-G3-T1]"]),
+    "eager mask reads KV head 0's positions for every head": (
+        'model.py',
+        'h = ar(kv_pos.shape[1], 1, -1, 1, 1) if',
+        'h = ar(1, 1, -1, 1, 1) if',
+        [ATT + "[snapkv_case-G3-T1]"]),
+}
+
+
+def main(names) -> int:
+    out = {}
+    for name in names or list(MUTANTS):
+        f, a, b, tests = MUTANTS[name]
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(tmp) / "copy"
+            shutil.copytree(SRC, d, symlinks=True, ignore=shutil.ignore_patterns(".git", "__pycache__", ".venv"))
+            src = (d / f).read_text()
+            assert src.count(a) == 1, f"{name}: the code to break is not there once"
+            (d / f).write_text(src.replace(a, b))
+            r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=d,
+                               capture_output=True, text=True)
+        out[name] = {"tests": tests, "caught": r.returncode != 0}
+        print(f"{'CAUGHT' if r.returncode else 'SURVIVED'}: {name} ({', '.join(tests)})", flush=True)
+    print(json.dumps(out, indent=1))
+    return 0 if all(v["caught"] for v in out.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
