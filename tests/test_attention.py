@@ -65,6 +65,7 @@ def snapkv_case(G, T, seed=0):
     q_pos = length[:, None] + torch.arange(T)
     k, v, kv_pos = c.update(q_pos, torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D))
     assert kv_pos.shape == (B, Hkv, 64) and not torch.equal(kv_pos[2, 0], kv_pos[2, 1])  # per KV head
+    kv_pos[1:, 1, :5] = -1  # and one head with fewer filled slots: heads differ in what is visible too
     return torch.randn(B, Hkv * G, T, D), k, v, q_pos, kv_pos
 
 
