@@ -297,7 +297,7 @@ def test_speculative_sampling_matches_target_real_model(smol, draft_cache, monke
     c2 = torch.zeros(K + 1, K + 1)
     c2[c[ids]] = pad(after)
     assert torch.equal(q, q[:1].expand(n, -1, -1)) and chi2_ok(c[d[:, 0]], cq)  # the drafts follow q
-    assert 0.2 < a.float().mean() < 0.9 and (c1 - cq).abs().sum() > 0.2  # the draft is off
+    assert 0.1 < a.float().mean() < 0.9 and (c1 - cq).abs().sum() > 0.2  # the draft is off, and some pass
     assert torch.equal(out[:, 0], torch.where(a == 1, d[:, 0], t)) and torch.equal(out[a == 1, 1], t[a == 1])
     assert step_ok(c1, c2, a, c[out[:, 0]], c[t])
     # the rule at rule level on the same exact (p, q)
