@@ -18,7 +18,8 @@ import stats
 import tp
 from cli import dtype_of
 from model import ModelArgs, QLinear, Transformer, UsageError, unpack_int4
-from test_refill import LIMITS, TEXTS
+from conftest import TEXTS
+from test_refill import LIMITS
 from test_sampling import accept_all, matches
 from tokenizer import load_tokenizer
 
