@@ -4,9 +4,10 @@
   quality:    where greedy decoding first leaves the float32 model's, and the mean log-likelihood
               of held-out text (prompt-file lines the other measurements do not use);
   sizes:      model.safetensors on disk.
-Variants: the checkpoint in float32 and in bfloat16, each --quantized checkpoint with bfloat16
-and with float32 activations (torch's CPU kernels are fast with bfloat16 where the CPU has
-AVX-512-BF16 or AMX, and the rest of the model is then faster in float32 on a CPU without them). Writes results.json and results.md to --out.
+Variants: the checkpoint in float32 and in bfloat16, each --quantized checkpoint with the
+--activations dtypes (bfloat16 by default: torch's CPU kernels for int8 / int4 weights take a slow
+path with float32 activations, slowest at prefill; see BENCHMARKS). Writes results.json and
+results.md to --out.
 
     python scripts/quant_benchmark.py --quantized checkpoints/smollm2-135m-int8 checkpoints/smollm2-135m-int4
 """
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # runnable from any cwd
 
 import torch
 
@@ -36,6 +37,8 @@ def parse_args(argv):
     add("--checkpoint", help="the full-precision checkpoint (default: the built-in SmolLM2-135M)")
     add("--quantized", nargs="+", required=True, help="quantized checkpoints of it (quantize.py)")
     add("--prompt_file", default=str(ROOT / "data" / "prompts_1024.jsonl"), help="real text, one prompt a line")
+    add("--activations", nargs="+", choices=["bfloat16", "float32"], default=["bfloat16"],
+        help="activation dtypes of the quantized variants (default: bfloat16)")
     add("--batch_size", type=int, nargs="+", default=[1, 8])
     add("--prompt_len", type=int, default=1024)
     add("--max_new_tokens", type=int, default=128)
@@ -83,9 +86,10 @@ def main(argv=None):
         raise UsageError(f"{a.prompt_file}: need {need} lines of >= {a.prompt_len} tokens")
     heldout = texts[-a.heldout:]
     variants = {"fp32": (a.checkpoint, torch.float32), "bf16": (a.checkpoint, torch.bfloat16)}
-    for q in a.quantized:  # both activation dtypes: which is faster depends on the CPU (README: CPU dtypes)
+    for q in a.quantized:
         mode = read_checkpoint(q)[0].quant["mode"]
-        variants[mode], variants[f"{mode}-fp32"] = (q, torch.bfloat16), (q, torch.float32)
+        for dt in a.activations:
+            variants[mode + ("-fp32" if dt == "float32" else "")] = (q, getattr(torch, dt))
     models = {v: Transformer.from_checkpoint(p, "cpu", dt) for v, (p, dt) in variants.items()}
     res = {"command": "python scripts/quant_benchmark.py " + shlex.join(argv), "machine": {
         "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__},

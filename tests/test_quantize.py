@@ -276,3 +276,49 @@ def test_int4_without_a_kernel_is_one_clear_error():
         m = QLinear(64, 32, mode="int4", groupsize=32)
     with pytest.raises(UsageError, match="int4 weights run on the CPU, or on CUDA through torch._weight_int4pack_mm"):
         m.pack(torch.bfloat16)
+
+
+def test_quant_benchmark_on_the_tiny_model(tiny_ckpt, tiny_q, tmp_path):
+    """scripts/quant_benchmark.py end to end on the tiny model: every variant timed at every batch,
+    the float32 model agreeing with itself, a chunked log-likelihood equal to the whole-sequence one;
+    a checkpoint that is not quantized is one clear error. No assertion on how fast anything ran."""
+    import importlib.util
+    import json
+    import math
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "quant_benchmark.py"
+    spec = importlib.util.spec_from_file_location("quant_benchmark", path)
+    qb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qb)
+    f = tmp_path / "prompts.jsonl"  # Dickens, A Tale of Two Cities (1859): public domain
+    f.write_text("".join(json.dumps({"text": f"Chapter {i + 1}. It was the best of times, it was the worst of times, "
+                                     "it was the age of wisdom, it was the age of foolishness."}) + "\n" for i in range(5)))
+    argv = ["--checkpoint", str(tiny_ckpt), "--quantized", str(tiny_q["int8"]), str(tiny_q["int4"]),
+            "--activations", "bfloat16", "float32", "--prompt_file", str(f), "--batch_size", "1", "2",
+            "--prompt_len", "12", "--max_new_tokens", "4", "--repeats", "1", "--quality_prompts", "3",
+            "--quality_len", "12", "--heldout", "2", "--out", str(tmp_path / "out")]
+    qb.main(argv)
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    names = {"fp32", "bf16", "int8", "int8-fp32", "int4", "int4-fp32"}
+    assert set(res["variants"]) == names and res["variants"]["int4-fp32"]["dtype"] == "float32"
+    assert [(r["batch_size"], r["variant"]) for r in res["throughput"]] == [(B, v) for B in (1, 2) for v in res["variants"]]
+    assert all(r["tokens_per_second"] > 0 for r in res["throughput"])
+    q = res["quality"]
+    assert q["fp32"]["first_difference"] == [4, 4, 4] and q["fp32"]["identical_rows"] == 3
+    assert all(math.isfinite(v["heldout_log_likelihood"]) and v["heldout_log_likelihood"] < 0 for v in q.values())
+    assert "| int4-fp32 | int4 | float32 |" in (tmp_path / "out" / "results.md").read_text()
+
+    model = Transformer.from_checkpoint(tiny_ckpt, dtype=torch.float32)
+    tok = load_tokenizer(tiny_ckpt)
+    docs = [tok.encode(json.loads(line)["text"]) for line in f.read_text().splitlines()[-2:]]
+    whole = []
+    for d in docs:  # one forward over each document, no cache reuse
+        model.setup_caches(1, len(d))
+        logp = model(torch.tensor([d]), torch.arange(len(d))[None])[0, :-1].log_softmax(-1)
+        whole.append(logp.gather(-1, torch.tensor(d[1:])[:, None]))
+    assert qb.log_likelihood(model, docs, chunk=5) == pytest.approx(torch.cat(whole).mean().item(), abs=1e-5)
+    assert q["fp32"]["heldout_log_likelihood"] == pytest.approx(torch.cat(whole).mean().item(), abs=1e-5)
+
+    with pytest.raises(UsageError, match="not a quantized checkpoint"):
+        qb.main([*argv[:2], "--quantized", str(tiny_ckpt), *argv[5:]])
