@@ -202,9 +202,9 @@ def test_quantized_draft_sampling_keeps_the_target_distribution(tmp_path, monkey
     with torch.no_grad():
         assert (next_probs(model) - next_probs(draft)).abs().sum() > 0.05  # the draft is off the target
         torch.manual_seed(1)
-        assert matches(model, prompt, setting, 20_000, True, **kw)
+        assert matches(model, prompt, setting, 20_000, **kw)
         monkeypatch.setattr(sampling, "speculative_accept", accept_all)
-        assert not matches(model, prompt, setting, 20_000, True, **kw)
+        assert not matches(model, prompt, setting, 20_000, **kw)
 
 
 @pytest.mark.parametrize("mode", MODES)
