@@ -300,7 +300,7 @@ class Bench:
         self.prompts = load_prompts(a, self.tok)
         self.model = Transformer.from_checkpoint(a.checkpoint, device, self.dtype)
         if a.draft_checkpoint:
-            self.draft = Transformer.from_checkpoint(a.draft_checkpoint, device, self.dtype)
+            self.draft = Transformer.from_checkpoint(a.draft_checkpoint, device, getattr(torch, a.draft_dtype))
         self.hf_src, self.hf_skip = (None, None) if a.no_hf or a.acceptance_only else hf_source(a)
         self.notes += [f"peer skipped: {self.hf_skip}"] if self.hf_skip else []
 
@@ -526,7 +526,6 @@ def main(argv=None) -> int:
         raise UsageError(f"--device {a.device}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device here")
-    a.device, a.dtype = str(device), a.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     if a.checkpoint is None:
         from convert_checkpoint import default_checkpoint
 
@@ -534,6 +533,9 @@ def main(argv=None) -> int:
             a.checkpoint = str(default_checkpoint())
         except ValueError as e:
             raise UsageError(f"default checkpoint: {e}") from None
+    # as generate.py: --dtype, else each model's default (bfloat16 on CUDA and for a quantized model)
+    a.draft_dtype = a.draft_checkpoint and str(cli.dtype_of(a, device, read_checkpoint(a.draft_checkpoint)[0]))[6:]
+    a.device, a.dtype = str(device), str(cli.dtype_of(a, device, read_checkpoint(a.checkpoint)[0]))[6:]
     bench, t0 = Bench(a, argv, device), time.perf_counter()
     name = re.sub(r"[^a-z0-9]+", "-", machine_info(device, bench.dtype)["name"].lower()).strip("-") or "device"
     out = Path(a.out or ROOT / "benchmarks" / name)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import generate as gen
 import stats
@@ -103,6 +104,25 @@ def test_separate_draft_model(tiny_ckpt, prompt_file, tmp_path):
     for r in draft:  # the draft is the model itself: on its full cache (budget 0) every draft passes
         assert r["lossless"] is True and r["draft_checkpoint"] == str(tiny_ckpt)
         assert r["sink"] == (4 if r["budget"] else None) and (r["budget"] or r["acceptance_rate"] == 1.0)
+
+
+def test_a_quantized_draft_runs_in_its_own_dtype(tiny_ckpt, tiny_q, prompt_file, tmp_path, monkeypatch):
+    """Without --dtype each model gets generate.py's default: the float32 target on the CPU, its
+    int8 draft in bfloat16 (torch's fast path for quantized weights); greedy stays exact."""
+    loaded, load = [], benchmark.Transformer.from_checkpoint
+    monkeypatch.setattr(benchmark.Transformer, "from_checkpoint",
+                        lambda path, device, dtype: loaded.append((str(path), dtype)) or load(path, device, dtype))
+    out = tmp_path / "out"
+    args = sweep_args(tiny_ckpt, prompt_file, out, "--draft_checkpoint", str(tiny_q["int8"]), "--draft_budget", "0",
+                      "--gamma", "2", "--no_plots")
+    i = args.index("--dtype")
+    del args[i:i + 2]
+    args[args.index("--batch_size") + 1: args.index("--prompt_len")] = ["2"]
+    assert benchmark.main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert (res["config"]["dtype"], res["config"]["draft_dtype"]) == ("float32", "bfloat16")
+    assert loaded == [(str(tiny_ckpt), torch.float32), (str(tiny_q["int8"]), torch.bfloat16)]
+    assert [r["lossless"] for r in res["results"] if r["method"] == "draft"] == [True]
 
 
 def test_both_draft_caches(tiny_ckpt, prompt_file, tmp_path):
