@@ -50,6 +50,12 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
+def shown(path) -> str:
+    """A path as the results print it: relative to the repository when inside it."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT) if p.is_relative_to(ROOT) else path)
+
+
 def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
@@ -93,7 +99,7 @@ def main(argv=None):
     models = {v: Transformer.from_checkpoint(p, "cpu", dt) for v, (p, dt) in variants.items()}
     res = {"command": "python scripts/quant_benchmark.py " + shlex.join(argv), "machine": {
         "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "variants": {v: {"checkpoint": str(p), "dtype": str(dt).removeprefix("torch."), "quant": m.args.quant,
+        "variants": {v: {"checkpoint": shown(p), "dtype": str(dt).removeprefix("torch."), "quant": m.args.quant,
                          "bytes_on_disk": (Path(p) / "model.safetensors").stat().st_size}
                      for (v, (p, dt)), m in zip(variants.items(), models.values())},
         "throughput": [], "quality": {}}
@@ -143,7 +149,7 @@ def markdown(res, a) -> str:
         lines.append(f"| {r['batch_size']} | {r['variant']} | {(v['quant'] or {}).get('mode', 'float')} | {v['dtype']} | "
                      f"{r['tokens_per_second']:.1f} | {r['vs_bf16']:.2f} | {r['vs_fp32']:.2f} |")
     lines += ["", f"Quality: {a.quality_prompts} prompts of {a.quality_len} tokens, {a.max_new_tokens} greedy tokens "
-              f"against the fp32 model's; log-likelihood over {a.heldout} held-out lines of {a.prompt_file}.", "",
+              f"against the fp32 model's; log-likelihood over {a.heldout} held-out lines of {shown(a.prompt_file)}.", "",
               "| variant | first token that differs (median) | rows identical | held-out log-likelihood (nats/token) "
               "| perplexity |", "|---|---:|---:|---:|---:|"]
     for name, q in res["quality"].items():
