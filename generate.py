@@ -183,6 +183,10 @@ class Decoder:
         self.snap = self.mode in ("self", "window") and o.draft_cache == "snapkv"
         # the recent positions a window always holds: while every row's context fits, the draft reads it all
         self.holds = cli.snap_split(o.budget, o.sink, self.gmax, o.ring)[1] if self.snap else o.budget
+        # auto's plain steps leave a streaming self-draft's window stale and rebuild it from the full
+        # cache before the next draft (its fill is what the steps' writes would have left; a selection
+        # strategy keeps what its fill chose, so it is written every step)
+        self.lazy, self.stale = self.auto is not None and self.mode == "self" and not self.snap, False
         self.drafter = model if self.mode in ("none", "self") else o.draft_model
         self.window = self.mode in ("self", "window")  # the drafter reads a window
         self.sampling = Sampling(o.temperature, o.top_k, o.top_p)
@@ -286,6 +290,9 @@ class Decoder:
         s, B, cur, pos = self.sampling, self.B, self.rows.cur, self.rows.pos
         self.timer.mark(0)
         d, q = [], []
+        if g and self.stale:  # (a cost of the draft)
+            self.model.fill_draft_cache(pos)
+        self.stale = self.lazy and not g
         if g:
             # A separate model never saw its last drafted token when all g were accepted: it
             # re-reads the token before the pending one with it (2 tokens, one more graph).
@@ -302,7 +309,7 @@ class Decoder:
         q = torch.stack(q, 1) if q else None
         seq, seq_pos = torch.cat((cur[:, None], d), 1), pos[:, None] + self.idx[: g + 1]
         vstep = verify_step if full_sort else self.vstep  # the rare exact redo runs eagerly
-        a, t, covered = vstep(self.model, self.vocab, seq, seq_pos, d, q, self.mode == "self",
+        a, t, covered = vstep(self.model, self.vocab, seq, seq_pos, d, q, self.mode == "self" and not self.stale,
                               self.flex and not full_sort, s, full_sort)
         self.timer.mark(2)
         return Verified(d, q, a.clone(), t.clone(), covered)

@@ -1,4 +1,5 @@
-"""Mutants of the draft caches (issue 19): each is a copy of the repository with one realistic bug,
+"""Mutants of the draft caches (issues 19, 20) and of the model under its anchored reference (issue
+21): each is a copy of the repository with one realistic bug,
 and the tests named beside it must fail on it (they pass on the unmutated code).
     python tests/mutants.py [NAME ...]     # all mutants by default; prints CAUGHT or SURVIVED per mutant"""
 import json
@@ -14,6 +15,8 @@ CONTENT = f"{SN}::test_fill_and_updates_keep_what_an_independent_reading_says"
 REFILL = f"{SN}::test_refilled_rows_get_their_own_selection_and_leave_the_others"
 KEEP = f"{SN}::test_prefill_keeps_each_rows_observation_queries"
 ATT = "tests/test_attention.py::test_attention_backends_match_the_reference"
+LAZY = "tests/test_draft_cache.py::test_plain_steps_of_auto_skip_the_window_and_the_next_draft_rebuilds_it"
+ANCHOR = "tests/test_generate.py::test_gamma_auto_is_exact"  # through greedy_refs: transformers' tokens
 MUTANTS = {  # name: (file, code, the bug, the tests that must catch it)
     'scores summed over the wrong query heads': (
         'model.py',
@@ -80,6 +83,26 @@ MUTANTS = {  # name: (file, code, the bug, the tests that must catch it)
         'h = ar(kv_pos.shape[1], 1, -1, 1, 1) if',
         'h = ar(1, 1, -1, 1, 1) if',
         [ATT + "[snapkv_case-G3-T1]"]),
+    "auto's plain steps leave the window stale for the next draft": (
+        'generate.py',
+        '            self.model.fill_draft_cache(pos)\n',
+        '            pass\n',
+        [LAZY]),
+    "auto's plain steps still write the window": (
+        'generate.py',
+        'self.lazy, self.stale = self.auto is not None and',
+        'self.lazy, self.stale = False and',
+        [LAZY]),
+    "a draft after a draft rebuilds nothing, a stale window stays stale": (
+        'generate.py',
+        '        self.stale = self.lazy and not g\n',
+        '        self.stale = self.lazy and self.stale\n',
+        [LAZY]),
+    "rope base ignored (plain and speculative decoding agree, transformers does not)": (
+        'model.py',
+        'inv = 1.0 / args.rope_base **',
+        'inv = 1.0 / 10000.0 **',
+        [ANCHOR]),
 }
 
 

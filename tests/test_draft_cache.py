@@ -53,3 +53,28 @@ def test_window_holds_sinks_and_the_last_positions(tiny_ckpt):
             last = (dec.rows.pos + g).tolist()
             dec.step()
             check(model, last)
+
+
+def test_plain_steps_of_auto_skip_the_window_and_the_next_draft_rebuilds_it(tiny_ckpt, monkeypatch):
+    """--gamma auto's plain steps (gamma 0) do not write the window; the next speculative step
+    first rebuilds it from the full cache, to exactly what StreamingLLM keeps."""
+    from sampling import AutoGamma
+
+    model = Transformer.from_checkpoint(tiny_ckpt, "cpu", torch.float32)
+    torch.manual_seed(0)
+    plan = [0] * 9 + [2] + [0] * 7 + [1, 3] + [0] * 12 + [2, 0, 0, 4]
+    it = iter(plan)
+    monkeypatch.setattr(AutoGamma, "choose", lambda self, covered=False: next(it))
+    dec = gen.Decoder(model, 4, 160, 30, gamma="auto", budget=16, sink=2)  # a ring of 14
+    prompts = [Request(torch.randint(3, 400, (n,)).tolist(), 30, i) for i, n in enumerate((30, 41, 5, 37))]
+    win = model.layers[0].attention.draft_cache
+    with torch.no_grad():
+        dec.prefill([0, 1, 2, 3], prompts)
+        for g in plan:
+            last, before = (dec.rows.pos + g).tolist(), (win.k.clone(), win.pos.clone())
+            dec.step()
+            if g:
+                check(model, last)
+            else:  # the window was left as it was
+                assert torch.equal(win.k, before[0]) and torch.equal(win.pos, before[1])
+    assert min(last) > 2 * 16  # every ring wrapped
