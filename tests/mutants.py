@@ -15,6 +15,7 @@ CONTENT = f"{SN}::test_fill_and_updates_keep_what_an_independent_reading_says"
 REFILL = f"{SN}::test_refilled_rows_get_their_own_selection_and_leave_the_others"
 KEEP = f"{SN}::test_prefill_keeps_each_rows_observation_queries"
 ATT = "tests/test_attention.py::test_attention_backends_match_the_reference"
+WINDOW = "tests/test_draft_cache.py::test_window_holds_sinks_and_the_last_positions"
 LAZY = "tests/test_draft_cache.py::test_plain_steps_of_auto_skip_the_window_and_the_next_draft_rebuilds_it"
 ANCHOR = "tests/test_generate.py::test_gamma_auto_is_exact"  # through greedy_refs: transformers' tokens
 MUTANTS = {  # name: (file, code, the bug, the tests that must catch it)
@@ -83,6 +84,16 @@ MUTANTS = {  # name: (file, code, the bug, the tests that must catch it)
         'h = ar(kv_pos.shape[1], 1, -1, 1, 1) if',
         'h = ar(1, 1, -1, 1, 1) if',
         [ATT + "[snapkv_case-G3-T1]"]),
+    "streaming ring slot off by one in update": (
+        'model.py',
+        'ring = self.sink + (input_pos - self.sink) % self.window',
+        'ring = self.sink + (input_pos - self.sink + 1) % self.window',
+        [WINDOW]),
+    "streaming fill one lap stale (the ring of the positions a window earlier)": (
+        'model.py',
+        'ring = self.sink + ring_positions(length - self.sink, self.window)',
+        'ring = self.sink + ring_positions(length - self.sink - self.window, self.window)',
+        [WINDOW]),
     "auto's plain steps leave the window stale for the next draft": (
         'generate.py',
         '            self.model.fill_draft_cache(pos)\n',
