@@ -288,11 +288,11 @@ class Decoder:
     def speculate(self, g: int, full_sort=False) -> Verified:
         """Draft g tokens and verify them (g = 0: one plain decoding step); commits nothing."""
         s, B, cur, pos = self.sampling, self.B, self.rows.cur, self.rows.pos
-        self.timer.mark(0)
-        d, q = [], []
-        if g and self.stale:  # (a cost of the draft)
+        if g and self.stale:  # before the clock: auto times the draft as it costs step after step
             self.model.fill_draft_cache(pos)
         self.stale = self.lazy and not g
+        self.timer.mark(0)
+        d, q = [], []
         if g:
             # A separate model never saw its last drafted token when all g were accepted: it
             # re-reads the token before the pending one with it (2 tokens, one more graph).

@@ -269,6 +269,15 @@ class KVCache(nn.Module):
         self.v[r, :, input_pos] = v
         return self.k[rows][:, :, :kv_len], self.v[rows][:, :, :kv_len], None  # a slice: views
 
+    def take(self, rows, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """K and V of `rows` at positions pos [B', H_kv, P] -> [B', H_kv, P, D] each: one index_select
+        of the flattened cache (on the CPU several times faster than the same advanced indexing)."""
+        B, H, S, D = self.k.shape
+        r = torch.arange(B, device=pos.device)[rows][:, None, None]
+        at = ((r * H + torch.arange(H, device=pos.device)[None, :, None]) * S + pos).reshape(-1)
+        shape = (*pos.shape, D)
+        return self.k.view(-1, D).index_select(0, at).view(shape), self.v.view(-1, D).index_select(0, at).view(shape)
+
 
 class WindowCache(nn.Module):
     """The StreamingLLM draft cache: `sink` fixed slots for positions [0, sink) + a ring of
@@ -312,9 +321,8 @@ class WindowCache(nn.Module):
         ring = torch.where(ring >= self.sink, ring, -1)
         sinks = torch.arange(self.sink, device=length.device).expand(B, -1)
         pos = torch.cat((torch.where(sinks < length[:, None], sinks, -1), ring), dim=1)
-        r = torch.arange(full.k.shape[0], device=length.device)[rows][:, None, None]
-        at = (r, torch.arange(H, device=length.device)[None, :, None], pos.clamp(min=0)[:, None, :])
-        self.k[rows], self.v[rows], self.pos[rows] = full.k[at], full.v[at], pos  # [B', H, sink + window, D]
+        self.k[rows], self.v[rows] = full.take(rows, pos.clamp(min=0)[:, None, :].expand(-1, H, -1))
+        self.pos[rows] = pos
 
 
 def ring_positions(n: Tensor, window: int) -> Tensor:
@@ -388,8 +396,8 @@ class SnapKVCache(nn.Module):
         sel = torch.where(top > -math.inf, sel, -1).sort(-1).values
         ring = ring_positions(length, self.window).clamp(min=-1)[:, None].expand(-1, H, -1)
         pos = torch.cat((sel, ring), -1)  # [B', H, select + window]
-        at = (r[:, None, None], torch.arange(H, device=dev)[None, :, None], pos.clamp(min=0))
-        self.k[rows], self.v[rows], self.pos[rows] = full.k[at], full.v[at], pos
+        self.k[rows], self.v[rows] = full.take(rows, pos.clamp(min=0))
+        self.pos[rows] = pos
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -636,6 +644,8 @@ class QLinear(nn.Module):
         if self.packed:
             return
         w, s, dev = self.weight.contiguous(), self.scales.to(dtype).contiguous(), self.weight.device  # kernels' need
+        if w.data_ptr() % 64:  # (a tensor read from a file can start anywhere; torch's CPU int8 kernel
+            w = w.clone()      # loads W in aligned vectors and crashes on an unaligned one)
         if self.mode == "int4" and dev.type == "cpu":
             w = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(w).int(), 2)
             s = s.transpose(0, 1).contiguous()  # [K/g, N, 2]

@@ -418,7 +418,8 @@ class Bench:
                  "kv_bytes_per_token": cfg.kv_bytes_per_token(self.elem), "hf_source": self.hf_src and str(self.hf_src)}
         bad = any(r["lossless"] is False for r in self.results)
         p = {"command": self.command, "machine": machine_info(self.device, self.dtype), "model": model,
-             "config": vars(a), "notes": self.notes, "lossless_all": None if a.temperature else not bad,
+             "config": vars(a) | {"checkpoint": model["checkpoint"]}, "notes": self.notes,
+             "lossless_all": None if a.temperature else not bad,
              "results": self.results}
         out.mkdir(parents=True, exist_ok=True)
         (out / ".results.json.tmp").write_text(json.dumps(p, indent=1) + "\n")

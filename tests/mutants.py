@@ -109,6 +109,16 @@ MUTANTS = {  # name: (file, code, the bug, the tests that must catch it)
         '        self.stale = self.lazy and not g\n',
         '        self.stale = self.lazy and self.stale\n',
         [LAZY]),
+    "the fills' gather strides rows by one head, not by H_kv (KVCache.take)": (
+        'model.py',
+        'at = ((r * H + torch.arange',
+        'at = ((r + torch.arange',
+        [WINDOW, CONTENT]),
+    "an unaligned int8 weight handed to torch's CPU kernel as read (QLinear.pack)": (
+        'model.py',
+        '        if w.data_ptr() % 64:',
+        '        if False:',
+        ["tests/test_quantize.py::test_an_unaligned_int8_weight_is_copied_before_the_kernel_reads_it"]),
     "rope base ignored (plain and speculative decoding agree, transformers does not)": (
         'model.py',
         'inv = 1.0 / args.rope_base **',

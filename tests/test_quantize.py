@@ -102,6 +102,21 @@ def test_quantized_linear_is_the_dequantized_matmul(mode, dtype, compiled):
     torch.testing.assert_close(y.float(), ref, rtol=0, atol=tol * ref.abs().max().item())
 
 
+def test_an_unaligned_int8_weight_is_copied_before_the_kernel_reads_it():
+    """A tensor read from a file can start at any byte (a safetensors file's can); torch's CPU int8
+    kernel reads W in aligned vectors and crashes the process on an unaligned one (prefill shapes)."""
+    torch.manual_seed(0)
+    codes, scales = codes_of("int8", torch.randn(96, 128), None)
+    buf = torch.empty(codes.numel() + 1, dtype=torch.int8)
+    buf[1:] = codes.reshape(-1)  # W one byte past an aligned start
+    m = QLinear(128, 96, mode="int8")
+    m.weight, m.scales = (torch.nn.Parameter(t, requires_grad=False) for t in (buf[1:].view(96, 128), scales))
+    m.pack(torch.bfloat16)
+    x = torch.randn(238, 128).to(torch.bfloat16)  # [M, K]: a prefill's rows
+    ref = F.linear(x.float(), quantize.dequantize(codes, scales, None))
+    torch.testing.assert_close(m(x).float(), ref, rtol=0, atol=1e-2 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_quantized_checkpoint_is_its_dequantized_model(mode, tiny_q):
     """Loaded (every linear packed, the output a quantized copy of the tied table), a quantized
