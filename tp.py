@@ -75,7 +75,8 @@ def init(w: World, device: torch.device):
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():  # (main may run more than once in a process)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     # every rank must create every group, in the same order
     for g in range(w.dp_size):
         group = dist.new_group(list(range(g * w.tp, (g + 1) * w.tp)))

@@ -173,15 +173,18 @@ def test_dp2_shares_one_output_file(tiny_ckpt, tmp_path):
 
 
 def test_compiled_refills_do_not_recompile(tiny_ckpt):
-    """Every graph is compiled by the warm-up; refilling rows (new prompts, other lengths) reuses them."""
+    """Every graph is compiled by the warm-up; refilling rows (new prompts, other lengths) reuses them.
+    (The shapes of test_cli's compiled --gamma auto run, B = 2 rows of 256 slots, window 16 with 4
+    sinks: Inductor's cache compiles those graphs once for both.)"""
+    torch._dynamo.reset()  # (Dynamo traces again; Inductor's cache has the kernels)
     model = Transformer.from_checkpoint(tiny_ckpt, "cpu", torch.float32)
     torch.manual_seed(0)
     prompts = [torch.randint(3, 400, (n,)).tolist() for n in (5, 17, 9, 30, 3, 12, 21)]
     limits = [7, 15, 4, 11, 19, 6, 9]
     reqs = [gen.Request(p, n, i) for i, (p, n) in enumerate(zip(prompts, limits))]
-    kw = dict(gamma="auto", budget=16, sink=2)
-    ref = {r.id: r.tokens for r in gen.Decoder(model, 3, 64, 20, **kw).run(reqs)}
-    dec = gen.Decoder(model, 3, 64, 20, compile=True, **kw)
+    kw = dict(gamma="auto", budget=16, sink=4)
+    ref = {r.id: r.tokens for r in gen.Decoder(model, 2, 142, 20, **kw).run(reqs)}
+    dec = gen.Decoder(model, 2, 142, 20, compile=True, **kw)
     dec.warm_up()
     n = gen.unique_graphs()
     assert dec.compiled_graphs == len(sampling.AUTO_GAMMAS) + 1  # a verify graph per gamma + the draft step

@@ -1,6 +1,8 @@
 """Run by test_tp.py under torchrun.
   tp_worker.py logits CHECKPOINT TP OUT.pt   the logits of a ragged batch from this rank's shard
-  tp_worker.py gathers OUT.json ARGS...      generate.py ARGS, recording every all_gather's size"""
+  tp_worker.py gathers OUT.json ARGS...      generate.py ARGS, recording every all_gather's size
+  tp_worker.py jobs JOBS.json                each [command, *args] of the file's list in turn, in one
+                                             process group (one start-up for many checks)"""
 import json
 import sys
 from pathlib import Path
@@ -33,14 +35,24 @@ def gathers(out, *argv):
         return gather(x, *a, **kw)
 
     tp._all_gather = spy
-    res = generate.main(list(argv))
+    try:
+        res = generate.main(list(argv))
+    finally:
+        tp._all_gather = gather
     if res is not None:
         Path(out).write_text(json.dumps({"sizes": sizes, "rows": [r["tokens"] for r in res[0]]}))
 
 
+def jobs(path):
+    for name, *args in json.loads(Path(path).read_text()):
+        COMMANDS[name](*args)
+
+
+COMMANDS = {"logits": logits, "gathers": gathers, "jobs": jobs}
+
 if __name__ == "__main__":
     try:
-        {"logits": logits, "gathers": gathers}[sys.argv[1]](*sys.argv[2:])
+        COMMANDS[sys.argv[1]](*sys.argv[2:])
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
