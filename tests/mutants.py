@@ -124,6 +124,12 @@ MUTANTS = {  # name: (file, code, the bug, the tests that must catch it)
         'inv = 1.0 / args.rope_base **',
         'inv = 1.0 / 10000.0 **',
         [ANCHOR]),
+    "a user's mistake escapes cli.run as a traceback (the forked runs of tests/forkrun.py see it)": (
+        'cli.py',
+        '    except UsageError as e:\n        if int(os.environ',
+        '    except ZeroDivisionError as e:\n        if int(os.environ',
+        ["tests/test_cli.py::test_bad_input_is_one_line", "tests/test_bad_checkpoints.py::test_bad_checkpoint",
+         "tests/test_refill.py::test_bad_lines_are_reported_before_any_work"]),
 }
 
 

@@ -1,13 +1,11 @@
 """Malformed or incomplete checkpoints (float or quantized), draft checkpoints, converter and
 quantizer inputs: each is refused with exactly one `error: ...` line on stderr and exit status 2,
 never a traceback. Every case is a copy of a good one with one thing broken. The commands run as
-subprocesses, as many at a time as there are cores (each one imports torch), once for the module."""
+the scripts' __main__ in processes forked from one that imported torch once (tests/forkrun.py), as
+many at a time as there are cores, once for the module."""
 import json
 import os
 import shutil
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
-GENERATE = [sys.executable, str(ROOT / "generate.py"), "--max_new_tokens", "2", "--prompt", "hi"]
-CONVERT = [sys.executable, str(ROOT / "convert_checkpoint.py")]
+GENERATE = [str(ROOT / "generate.py"), "--max_new_tokens", "2", "--prompt", "hi"]
+CONVERT = [str(ROOT / "convert_checkpoint.py")]
 DROP = object()
 
 
@@ -167,33 +165,30 @@ def _copy(src: Path, dst: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_ckpt, default_ckpt, tiny_q):
-    """{(kind, case): CompletedProcess} of every case; each starts as soon as its files are ready."""
+    """{(kind, case): CompletedProcess} of every case."""
+    import forkrun
     from conftest import make_hf_checkpoint
 
     base = tmp_path_factory.mktemp("bad")
-    started = {}
-    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
-        def start(key, *cmd):
-            started[key] = pool.submit(subprocess.run, cmd, capture_output=True, text=True, timeout=300)
-
-        start(("checkpoint", "control"), *GENERATE, "--checkpoint", str(tiny_ckpt))
-        for name, (make, _) in CHECKPOINT.items():
-            make(_copy(tiny_ckpt, base / name))
-            start(("checkpoint", name), *GENERATE, "--checkpoint", str(base / name))
-        for name in DRAFT:
-            start(("draft", name), *GENERATE, "--checkpoint", str(tiny_ckpt), "--draft_checkpoint", str(base / name))
-        for name, (mode, make, _) in QUANTIZED.items():
-            make(_copy(tiny_q[mode], base / "q" / name))
-            start(("quantized", name), *GENERATE, "--checkpoint", str(base / "q" / name))
-        for name, (argv, _) in QUANTIZE.items():
-            start(("quantize", name), sys.executable, str(ROOT / "quantize.py"), "--out", str(base / "qout" / name),
-                  *(a.format(tiny=tiny_ckpt, int8=tiny_q["int8"]) for a in argv))
-        make_hf_checkpoint(base / "hf")
-        shutil.copy(default_ckpt / "tokenizer.json", base / "smol.json")  # 49152 ids, the model 256
-        for name, (make, _) in SOURCE.items():
-            d = _copy(base / "hf", base / "src" / name)
-            start(("convert", name), *CONVERT, str(make(d) or d), "--out", str(base / "out" / name))
-        return {k: f.result() for k, f in started.items()}
+    jobs = {("checkpoint", "control"): [*GENERATE, "--checkpoint", str(tiny_ckpt)]}
+    for name, (make, _) in CHECKPOINT.items():
+        make(_copy(tiny_ckpt, base / name))
+        jobs["checkpoint", name] = [*GENERATE, "--checkpoint", str(base / name)]
+    for name in DRAFT:
+        jobs["draft", name] = [*GENERATE, "--checkpoint", str(tiny_ckpt), "--draft_checkpoint", str(base / name)]
+    for name, (mode, make, _) in QUANTIZED.items():
+        make(_copy(tiny_q[mode], base / "q" / name))
+        jobs["quantized", name] = [*GENERATE, "--checkpoint", str(base / "q" / name)]
+    for name, (argv, _) in QUANTIZE.items():
+        jobs["quantize", name] = [str(ROOT / "quantize.py"), "--out", str(base / "qout" / name),
+                                  *(a.format(tiny=tiny_ckpt, int8=tiny_q["int8"]) for a in argv)]
+    make_hf_checkpoint(base / "hf")
+    shutil.copy(default_ckpt / "tokenizer.json", base / "smol.json")  # 49152 ids, the model 256
+    for name, (make, _) in SOURCE.items():
+        d = _copy(base / "hf", base / "src" / name)
+        jobs["convert", name] = [*CONVERT, str(make(d) or d), "--out", str(base / "out" / name)]
+    done = forkrun.run({"/".join(k): argv for k, argv in jobs.items()})
+    return {k: done["/".join(k)] for k in jobs}
 
 
 def _refused(r, expect):

@@ -128,7 +128,7 @@ def test_a_batch_that_cannot_fit_is_refused_before_loading(default_ckpt):
     assert 0 < fit < 50000
 
 
-@pytest.mark.parametrize("argv,message", [
+BAD_INPUT = [  # (argv, what the error line says)
     (["--checkpoint", "/nonexistent/ckpt"], "no config.json"),
     (["--prompt", "word " * 9000], "exceeds the model's context of 8192"),
     (["--prompt", "Hello there", "--prompt_len", "50"], "--prompt_len 50: a prompt has only"),
@@ -142,9 +142,21 @@ def test_a_batch_that_cannot_fit_is_refused_before_loading(default_ckpt):
     (["--draft_cache", "h2o"], "argument --draft_cache: invalid choice: 'h2o'"),
     (["--draft_cache", "snapkv", "--draft_budget", "24", "--sink", "16"], "snapkv: a ring of 12 slots"),
     (["--prompt_file", "/nonexistent.jsonl"], "no such file"),
-])
-def test_bad_input_is_one_line(default_ckpt, argv, message):
-    r = cli(*argv, "--max_new_tokens", "4")
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(default_ckpt):
+    """Every BAD_INPUT case run as `generate.py ARGV --max_new_tokens 4` (tests/forkrun.py)."""
+    import forkrun
+
+    return forkrun.run({str(i): [str(ROOT / "generate.py"), *argv, "--max_new_tokens", "4"]
+                        for i, (argv, _) in enumerate(BAD_INPUT)})
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUT)), ids=[m for _, m in BAD_INPUT])
+def test_bad_input_is_one_line(bad_input_runs, case):
+    r, message = bad_input_runs[str(case)], BAD_INPUT[case][1]
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]

@@ -98,14 +98,14 @@ def test_output_kill_and_resume(tiny_ckpt, tmp_path):
     """A run killed part-way then resumed holds every prompt exactly once, equal to an
     uninterrupted run's (greedy), with per-line max_new_tokens and ids."""
     prompts = tmp_path / "p.jsonl"
-    write_prompts(prompts, 40)
+    write_prompts(prompts, 24)
     base = ["--checkpoint", tiny_ckpt, *CPU, "--prompt_file", prompts, "--batch_size", 3, "--max_new_tokens", 40,
             "--gamma", 3, "--draft_budget", 12, "--sink", 2]
     full = tmp_path / "full.jsonl"
     r = cli(*base, "--output", full)
     assert r.returncode == 0, r.stderr
     ref = {x["id"]: x for x in read_jsonl(full)}
-    assert len(ref) == 40 and set(ref) == {f"doc-{i}" for i in range(40)}
+    assert len(ref) == 24 and set(ref) == {f"doc-{i}" for i in range(24)}
     for x in ref.values():
         assert set(x) == {"id", "prompt_tokens", "tokens", "text", "finish_reason", "accepted", "steps"}
     assert [len(ref[f"doc-{i}"]["tokens"]) for i in (1, 2, 3)] == [8, 40, 14]  # per-line limits
@@ -117,9 +117,9 @@ def test_output_kill_and_resume(tiny_ckpt, tmp_path):
     p.send_signal(signal.SIGKILL)
     p.wait()
     n_before = part.read_text().count("\n")
-    assert 5 <= n_before < 40, n_before
+    assert 5 <= n_before < 24, n_before
     with open(part, "a") as f:
-        f.write('{"id": "doc-39", "prompt_tok')  # as if killed mid-write
+        f.write('{"id": "doc-23", "prompt_tok')  # as if killed mid-write
     r = cli(*base, "--output", part)
     assert r.returncode == 2 and "--resume" in r.stderr  # never appends to a file by accident
     r = cli(*base, "--output", part, "--resume")
@@ -129,23 +129,36 @@ def test_output_kill_and_resume(tiny_ckpt, tmp_path):
     assert all(x == ref[x["id"]] for x in got)
 
 
-@pytest.mark.parametrize("line,message", [
+BAD_LINES = [  # (the second line of a prompt file, what the error line says)
     ("not json", "p.jsonl:2: not JSON"),
     ('{"txt": "hello"}', 'p.jsonl:2: expected a JSON object with a string "text" field'),
     ('{"text": "hello", "max_new_tokens": 0}', "p.jsonl:2: max_new_tokens must be an integer >= 1"),
     ('{"text": "hello", "max_new_tokens": "5"}', "p.jsonl:2: max_new_tokens must be an integer >= 1"),
     ('{"text": "' + "word " * 600 + '"}', "p.jsonl:2: a prompt of"),
     ('{"text": "hello", "id": "a"}', "p.jsonl:2: id 'a' repeats p.jsonl:1"),
-])
-def test_bad_lines_are_reported_before_any_work(tiny_ckpt, tmp_path, line, message):
-    f = tmp_path / "p.jsonl"
-    f.write_text('{"text": "fine", "id": "a"}\n' + line + "\n")
-    out = tmp_path / "out.jsonl"
-    r = cli("--checkpoint", tiny_ckpt, "--prompt_file", f, "--output", out)
+]
+
+
+@pytest.fixture(scope="module")
+def bad_line_runs(tiny_ckpt, tmp_path_factory):
+    """{case: (its run (tests/forkrun.py), its directory)} of every BAD_LINES case."""
+    import forkrun
+
+    dirs = [tmp_path_factory.mktemp("bad-line") for _ in BAD_LINES]
+    for d, (line, _) in zip(dirs, BAD_LINES):
+        (d / "p.jsonl").write_text('{"text": "fine", "id": "a"}\n' + line + "\n")
+    runs = forkrun.run({str(i): [str(ROOT / "generate.py"), "--checkpoint", str(tiny_ckpt), *CPU, "--prompt_file",
+                                 str(d / "p.jsonl"), "--output", str(d / "out.jsonl")] for i, d in enumerate(dirs)})
+    return {i: (runs[str(i)], d) for i, d in enumerate(dirs)}
+
+
+@pytest.mark.parametrize("case", range(len(BAD_LINES)), ids=[m for _, m in BAD_LINES])
+def test_bad_lines_are_reported_before_any_work(bad_line_runs, case):
+    (r, d), message = bad_line_runs[case], BAD_LINES[case][1]
     assert r.returncode == 2 and "Traceback" not in r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0].replace(str(tmp_path) + "/", "")
-    assert not out.exists() or not out.read_text()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0].replace(str(d) + "/", "")
+    assert not (d / "out.jsonl").exists() or not (d / "out.jsonl").read_text()
 
 
 def test_unwritable_output_fails_before_the_model_loads(tiny_ckpt, tmp_path):
