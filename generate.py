@@ -6,6 +6,7 @@ others go on. Plain decoding is the speculation loop with gamma = 0.
 
     python generate.py --prompt "The history of the printing press" --max_new_tokens 128
 (the flags: cli.py and README; sampling and --gamma auto: sampling.py; memory and stats: stats.py)"""
+import itertools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -150,6 +151,7 @@ class Seen(NamedTuple):
     accepted: int  # drafts accepted over the live rows
     rejected: int  # live rows whose drafts were not all accepted
     last_pos: int  # the largest pending position of a row still decoding (-1: none)
+    lag: list  # --gamma auto: (tokens left, drafts accepted, rejections) of each row still decoding
 
 
 class Commit(NamedTuple):
@@ -217,7 +219,7 @@ class Decoder:
         B, gmax = batch_size, self.gmax
         z = lambda *s, dt=torch.long: torch.zeros(*s, dtype=dt, device=dev)
         self.rows = Rows(z(B), z(B), z(B), z(B), torch.ones(B, dtype=torch.bool, device=dev), z(B, dt=torch.bool))
-        self.limit, self.row_acc, self.row_steps = z(B), z(B), z(B)
+        self.limit, self.row_acc, self.row_rej, self.row_steps = z(B), z(B), z(B), z(B)
         self.out = z(B, max_new_tokens + gmax + 2)  # last column: trash
         self.eos = torch.tensor(list(o.eos_ids) or [-1], device=dev)
         self.idx = torch.arange(gmax + 1, device=dev)
@@ -225,6 +227,7 @@ class Decoder:
         self.timer = Timer(dev)
         self.steps = self.draft_forwards = self.prompts_done = 0
         self.last_pos, self.covered = -1, False  # the largest pending position of a live row; see step
+        self.lag, self.draining = [], False  # see Seen.lag; no request is left to refill a row
         self.prefill_seconds = self.decode_seconds = self.compile_seconds = 0.0
         self.compiled_graphs = 0
         n_draft = 2 if self.mode in ("window", "full") else 1  # a separate draft's first forward: 2 tokens
@@ -280,9 +283,10 @@ class Decoder:
         ar, r = torch.arange(n, device=dev), self.rows
         r.cur[rows], r.prev[rows], r.pos[rows] = tokens[ar, pos], tokens[ar, (pos - 1).clamp(min=0)], pos
         self.limit[rows] = torch.tensor([r.max_new_tokens for r in reqs], device=dev)
-        for t in (r.n_out, self.row_acc, self.row_steps):
+        for t in (r.n_out, self.row_acc, self.row_rej, self.row_steps):
             t[rows] = 0
         r.done[rows] = r.hit_eos[rows] = False
+        self.lag = self.lag + [(q.max_new_tokens, 0, 0) for q in reqs]  # (Seen.lag, before their first step)
 
     # ---- one speculation step: draft, verify, accept, commit
     def speculate(self, g: int, full_sort=False) -> Verified:
@@ -318,7 +322,7 @@ class Decoder:
         """Advance every live row by one verify step; -> the rows that finished in it. One host
         sync: it reads which rows finished, with what --gamma auto and top_p need."""
         live = ~self.rows.done
-        g = self.auto.choose(self.covered) if self.auto else self.gmax
+        g = self.auto.choose(self.covered, self.lag if self.draining else None) if self.auto else self.gmax
         self.steps += 1
         self.draft_forwards += g
         v = self.speculate(g)
@@ -339,7 +343,7 @@ class Decoder:
             if timed:
                 self.auto.timed(timed[0], timed[1]["draft"], timed[1]["verify"] + timed[1]["host"])
         # the window holds every live row's context up to the largest verify: a draft reads what the target does
-        self.last_pos = seen.last_pos
+        self.last_pos, self.lag = seen.last_pos, seen.lag
         self.covered = self.mode == "self" and self.last_pos + 1 + self.gmax <= self.holds
         return [i for i, f in enumerate(seen.finished) if f]
 
@@ -348,8 +352,13 @@ class Decoder:
         covered = v.covered[None] if v.covered is not None else live.new_ones(1)
         a_live = torch.where(live, v.a, 0)
         last = torch.where(new.rows.done, -1, new.rows.pos).amax()[None]
-        x = torch.cat((new.rows.done & live, covered, a_live.sum()[None], ((v.a < g) & live).sum()[None], last)).tolist()
-        return Seen(x[:self.B], bool(x[self.B]), x[self.B + 1], x[self.B + 2], x[self.B + 3])
+        rej = (v.a < g) & live
+        lag = [] if self.auto is None else [  # --gamma auto's view of the rows still decoding
+            ~new.rows.done, self.limit - new.rows.n_out, self.row_acc + a_live, self.row_rej + rej]
+        x = torch.cat((new.rows.done & live, covered, a_live.sum()[None], rej.sum()[None], last, *lag)).tolist()
+        B = self.B
+        lag = [tuple(x[B + 4 + i * B + j] for i in (1, 2, 3)) for j in range(B) if lag and x[B + 4 + j]]
+        return Seen(x[:B], bool(x[B]), x[B + 1], x[B + 2], x[B + 3], lag)
 
     def commit(self, g: int, v: Verified) -> Commit:
         """Per row: this step's new tokens d_1..d_a then t, cut at EOS and at the row's limit. Pure:
@@ -377,6 +386,7 @@ class Decoder:
         c.kv_read += (pos + g + 1).sum()
         self.row_steps += live
         self.row_acc += torch.where(live, a, 0)
+        self.row_rej += (a < g) & live
         if g:
             c.draft_kv_read += (pos[:, None] + idx + 1).clamp(max=self.o.budget if self.window else self.S).sum()
             c.drafts_tried[:g] += ((idx <= a[:, None]) & live[:, None]).sum(0)
@@ -397,11 +407,14 @@ class Decoder:
         already holds the first B prompts (a benchmark times many runs on one slow prefill)."""
         self.warm_up()
         it = iter(requests)
+        ahead = list(itertools.islice(it, 1))  # the next request, read early: is any left?
         slot: list[Request | None] = [None] * self.B
 
         def take(n):
             got = []
-            for r in it:
+            while ahead and len(got) < n:
+                r = ahead.pop()
+                ahead.extend(itertools.islice(it, 1))
                 if len(r.tokens) < 1 or len(r.tokens) + r.max_new_tokens > self.S - self.gmax or r.max_new_tokens < 1:
                     raise UsageError(f"request {r.id!r}: {len(r.tokens)} prompt tokens + {r.max_new_tokens} new "
                                      f"do not fit this decoder's {self.S - self.gmax} positions per row")
@@ -409,8 +422,7 @@ class Decoder:
                     raise UsageError(f"request {r.id!r}: max_new_tokens {r.max_new_tokens} is above the decoder's "
                                      f"{self.out.shape[1] - self.gmax - 2}")
                 got.append(r)
-                if len(got) == n:
-                    break
+            self.draining = not ahead
             return got
 
         def fill(rows: list[int], reqs, prefilled=False) -> float:

@@ -128,11 +128,16 @@ class AutoGamma:
     unchanged (quadruples while gamma = 0 wins by more than `margin`), up to `max_gap`, and falls
     back to `min_gap` when a probe changes the choice. While the draft window holds every row's
     whole context (`covered`: the draft reads what the target reads, so a draft step costs a plain
-    one) it does not speculate at all, and starts exploring when the context outgrows the window."""
+    one) it does not speculate at all, and starts exploring when the context outgrows the window.
 
-    def __init__(self, gammas=AUTO_GAMMAS, decay=0.95, min_gap=16, max_gap=128, margin=0.25, group=None,
+    Once no request is left to refill a row (`lag` given), the run ends when its slowest row does:
+    between probes the gamma is the one that finishes the rows still decoding soonest, each row at
+    its own acceptance (its counts, with `prior` drafts at the shared rate) and its tokens left."""
+
+    def __init__(self, gammas=AUTO_GAMMAS, decay=0.95, min_gap=16, max_gap=128, margin=0.25, prior=4.0, group=None,
                  device=None):
         self.gammas, self.decay, self.min_gap, self.max_gap, self.margin = gammas, decay, min_gap, max_gap, margin
+        self.prior = prior
         self.group, self.device = group, device  # a tensor-parallel group follows its first rank
         self.accepted, self.rejected = 1.0, 1.0  # a uniform prior
         self.t_draft = None
@@ -143,14 +148,23 @@ class AutoGamma:
         self.best = 0
         self.used = {}
 
+    def cost(self, g: int) -> float:
+        v0, v1 = self.verify.line()
+        return max(g * (self.t_draft or 0.0) + v0 + v1 * g, 1e-12)
+
     def rates(self) -> dict[int, float]:
         alpha = self.accepted / (self.accepted + self.rejected)
-        v0, v1 = self.verify.line()
-        return {g: expected_tokens(alpha, g) / max(g * (self.t_draft or 0.0) + v0 + v1 * g, 1e-12)
-                for g in self.gammas}
+        return {g: expected_tokens(alpha, g) / self.cost(g) for g in self.gammas}
 
-    def choose(self, covered: bool = False) -> int:
-        """The gamma of the next step. covered: every live row's context fits the draft window."""
+    def finish(self, g: int, lag: list) -> float:
+        """Seconds until the last row of `lag` [(tokens left, accepted, rejections)] is done at g."""
+        alpha, k = self.accepted / (self.accepted + self.rejected), self.prior
+        return self.cost(g) * max(n / expected_tokens((a + k * alpha) / (a + r + k), min(g, n - 1))
+                                  for n, a, r in lag)
+
+    def choose(self, covered: bool = False, lag: list | None = None) -> int:
+        """The gamma of the next step. covered: every live row's context fits the draft window.
+        lag: no request is left; (tokens left, drafts accepted, rejections) of each live row."""
         if covered:
             g = 0
             self.next_probe = self.steps  # explore as soon as the context outgrows the window
@@ -164,6 +178,8 @@ class AutoGamma:
                 g = self.gammas[i - 1 if (self.probes % 2 and i > 0) or i == len(self.gammas) - 1 else i + 1]
                 self.probes += 1
             self.probe, self.probe_step = (g if g else None), self.steps
+        elif lag and self.t_draft is not None:  # the batch's end: its slowest row's
+            g = min(self.gammas, key=lambda x: self.finish(x, lag))
         else:  # (with a probe's times still to come, the best)
             g = self.best
         if self.group is not None:  # ranks time differently but must run the same step

@@ -124,6 +124,21 @@ MUTANTS = {  # name: (file, code, the bug, the tests that must catch it)
         'inv = 1.0 / args.rope_base **',
         'inv = 1.0 / 10000.0 **',
         [ANCHOR]),
+    "--gamma auto never told that no request is left (the batch's end)": (
+        'generate.py',
+        'self.auto.choose(self.covered, self.lag if self.draining else None)',
+        'self.auto.choose(self.covered, None)',
+        ["tests/test_refill.py::test_gamma_auto_sees_each_rows_progress_once_no_request_is_left"]),
+    "a refilled row missing from --gamma auto's view until its first step": (
+        'generate.py',
+        '        self.lag = self.lag + [(q.max_new_tokens, 0, 0) for q in reqs]',
+        '        pass',
+        ["tests/test_refill.py::test_gamma_auto_sees_each_rows_progress_once_no_request_is_left"]),
+    "the batch's end chosen at the shared acceptance, not each row's": (
+        'sampling.py',
+        'expected_tokens((a + k * alpha) / (a + r + k), min(g, n - 1))',
+        'expected_tokens(alpha, min(g, n - 1))',
+        ["tests/test_auto_gamma.py::test_at_a_batchs_end_it_picks_for_its_slowest_row"]),
     "a user's mistake escapes cli.run as a traceback (the forked runs of tests/forkrun.py see it)": (
         'cli.py',
         '    except UsageError as e:\n        if int(os.environ',

@@ -76,3 +76,22 @@ def test_a_window_that_holds_the_context_is_not_drafted():
     gs, _, _ = run(lambda i: 0.95, 0.9, lambda g, i: 1.0, steps=200, covered=lambda i: i < 150)
     assert gs[:150] == [0] * 150  # not even a probe
     assert 1 in gs[150:152]  # then it explores at once
+
+
+def test_at_a_batchs_end_it_picks_for_its_slowest_row():
+    """With no request left to refill a row (`lag`), the run lasts as long as its slowest row: the
+    gamma is the one that finishes that row soonest at its own acceptance, not the batch's best;
+    a row with one token left needs a plain step."""
+    alpha, t_draft, t_verify = CASES["moderate"]
+    _, _, auto = run(lambda i: alpha, t_draft, lambda g, i: t_verify(g))
+    pooled, _ = best_of(alpha, t_draft, t_verify)
+    slow = (40, 30, 70)  # 40 tokens left; 30 drafts accepted, 70 rejections: alpha ~0.3
+    fast = [(8, 90, 10)] * 20  # nearly done
+    a = (30 + auto.prior * alpha) / (100 + auto.prior)  # the slow row's acceptance with the prior
+    want, rate = best_of(a, t_draft, t_verify)
+    assert want != pooled  # (the case tells the two apart)
+    auto.next_probe = auto.steps + 10  # (between probes)
+    near = {g for g, r in rate.items() if r >= 0.98 * rate[want]}
+    assert auto.choose(lag=fast + [slow]) in near
+    assert auto.choose(lag=[(40, 0, 0)] * 8) == auto.best  # rows that have shown nothing: the shared rate
+    assert auto.choose(lag=[(1, 9, 1)] * 8) == 0

@@ -64,7 +64,7 @@ def test_plain_steps_of_auto_skip_the_window_and_the_next_draft_rebuilds_it(tiny
     torch.manual_seed(0)
     plan = [0] * 9 + [2] + [0] * 7 + [1, 3] + [0] * 12 + [2, 0, 0, 4]
     it = iter(plan)
-    monkeypatch.setattr(AutoGamma, "choose", lambda self, covered=False: next(it))
+    monkeypatch.setattr(AutoGamma, "choose", lambda self, covered=False, lag=None: next(it))
     dec = gen.Decoder(model, 4, 160, 30, gamma="auto", budget=16, sink=2)  # a ring of 14
     prompts = [Request(torch.randint(3, 400, (n,)).tolist(), 30, i) for i, n in enumerate((30, 41, 5, 37))]
     win = model.layers[0].attention.draft_cache

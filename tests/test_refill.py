@@ -280,3 +280,27 @@ def test_rows_refilled_together_get_their_own_caches_and_leave_the_others(tiny_c
             assert torch.equal(k0[[1, 3]], k1[[1, 3]]) and torch.equal(w0[[1, 3]], w1[[1, 3]])
             assert torch.equal(p0[[1, 3]], p1[[1, 3]])
     assert dec.rows.pos.tolist()[0::2] == [49, 18] and not dec.rows.done[[0, 2]].any()
+
+
+def test_gamma_auto_sees_each_rows_progress_once_no_request_is_left(tiny_ckpt, monkeypatch):
+    """While a request waits for a row, --gamma auto is told nothing of the rows; once none is left,
+    each step it gets every live row's (tokens left, drafts accepted, rejections) as they stand."""
+    model = Transformer.from_checkpoint(tiny_ckpt, "cpu", torch.float32)
+    torch.manual_seed(0)
+    reqs = [gen.Request(torch.randint(3, 400, (n,)).tolist(), m, i) for i, (n, m) in enumerate(((5, 4), (9, 24), (7, 30)))]
+    dec = gen.Decoder(model, 2, 64, 30, gamma="auto", budget=12, sink=2)
+    seen = []
+
+    def spy(self, covered=False, lag=None):  # (a fixed plan of gammas: no clock decides)
+        on = ~dec.rows.done
+        now = list(zip(*((dec.limit - dec.rows.n_out)[on].tolist(), dec.row_acc[on].tolist(), dec.row_rej[on].tolist())))
+        seen.append((lag, now, dec.prompts_done))
+        return (0, 2, 1, 3)[len(seen) % 4]
+
+    monkeypatch.setattr(sampling.AutoGamma, "choose", spy)
+    assert sorted(r.id for r in dec.run(reqs)) == [0, 1, 2]
+    assert seen[0][0] is None and seen[-1][0] is not None
+    for lag, now, done in seen:
+        assert (lag is None) == (done == 0)  # request 2 waits until row 0 is done
+        assert lag is None or sorted(map(tuple, lag)) == sorted(now)
+    assert any(r for lag, _, _ in seen if lag for _, _, r in lag)  # (rejections were counted)
