@@ -13,26 +13,32 @@ from model import OBS, KVCache, ModelArgs, SnapKVCache, Transformer
 B, HKV, G, D, S = 3, 2, 3, 16, 400
 
 
-def reference_keep(q, k, n, sink, select, window, pool=7) -> list[list[set]]:
-    """Per row and KV head, the positions snapkv keeps in its selected slots, read loop by loop:
-    the w = q.shape[1] queries at positions n-w..n-1 (those >= 0), each query head g of KV head h
-    attending to keys 0..its position (softmax), weights summed over queries and heads, averaged
-    over the `pool` neighbours inside [0, n); among positions before the ring (the last `window`),
-    the sinks and the observation window first, then the best scores."""
+def reference_score(q, k, n, b, h, pool=7) -> torch.Tensor:
+    """Row b, KV head h: each position's score in [0, n[b]), read loop by loop: the w = q.shape[1]
+    queries at positions n-w..n-1 (those >= 0), each query head g of KV head h attending to keys
+    0..its position, its own included (softmax), weights summed over queries and heads, averaged
+    over the `pool` neighbours inside [0, n)."""
     w = q.shape[1]
-    out = []
+    score = torch.zeros(n[b], dtype=torch.float64)
+    for j in range(w):
+        p = n[b] - w + j
+        if p < 0:
+            continue
+        for g in range(G):
+            logits = (k[b, h, : p + 1].double() @ q[b, j, h * G + g].double()) / math.sqrt(D)
+            score[: p + 1] += logits.softmax(0)
+    return torch.stack([score[max(0, i - pool // 2): i + pool // 2 + 1].mean() for i in range(n[b])])
+
+
+def reference_keep(q, k, n, sink, select, window, pool=7) -> list[list[set]]:
+    """Per row and KV head, the positions snapkv keeps in its selected slots: among positions
+    before the ring (the last `window`), the sinks and the observation window first, then the best
+    scores (reference_score)."""
+    w, out = q.shape[1], []
     for b in range(q.shape[0]):
         rows = []
         for h in range(k.shape[1]):
-            score = torch.zeros(n[b], dtype=torch.float64)
-            for j in range(w):
-                p = n[b] - w + j
-                if p < 0:
-                    continue
-                for g in range(G):
-                    logits = (k[b, h, : p + 1].double() @ q[b, j, h * G + g].double()) / math.sqrt(D)
-                    score[: p + 1] += logits.softmax(0)
-            pooled = torch.stack([score[max(0, i - pool // 2): i + pool // 2 + 1].mean() for i in range(n[b])])
+            pooled = reference_score(q, k, n, b, h, pool)
             cand = list(range(max(0, n[b] - window)))
             forced = [p for p in cand if p < sink or p >= n[b] - w]
             rest = sorted((p for p in cand if p not in forced), key=lambda p: -pooled[p])
@@ -85,6 +91,10 @@ def test_fill_and_updates_keep_what_an_independent_reading_says(sink, select, wi
     c.fill(full, torch.tensor(n), q=q)
     keep = reference_keep(q, full.k, n, sink, select, window)
     assert keep[2][0] != keep[2][1]  # per KV head
+    got = c.score(q, full.k, torch.tensor(n))  # the scores themselves, not only their ranking
+    for b, m in enumerate(n):
+        for h in range(HKV):  # (up to pool // 2 before the end, where the pooling reads past n: the ring's)
+            torch.testing.assert_close(got[b, h, : m - 3].double(), reference_score(q, full.k, n, b, h)[: m - 3])
     check_slots(c, full, n, keep)
     torch.manual_seed(1)
     T, steps = 3, -(-2 * window // 3) + 1
