@@ -357,7 +357,8 @@ class Decoder:
             ~new.rows.done, self.limit - new.rows.n_out, self.row_acc + a_live, self.row_rej + rej]
         x = torch.cat((new.rows.done & live, covered, a_live.sum()[None], rej.sum()[None], last, *lag)).tolist()
         B = self.B
-        lag = [tuple(x[B + 4 + i * B + j] for i in (1, 2, 3)) for j in range(B) if lag and x[B + 4 + j]]
+        per_row = [x[B + 4 + i * B: B + 4 + (i + 1) * B] for i in range(len(lag))]  # [4][B] or []
+        lag = [(n, acc, r) for alive, n, acc, r in zip(*per_row) if alive]
         return Seen(x[:B], bool(x[B]), x[B + 1], x[B + 2], x[B + 3], lag)
 
     def commit(self, g: int, v: Verified) -> Commit:

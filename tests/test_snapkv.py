@@ -3,6 +3,7 @@ and the observation queries), the queries a chunked prefill keeps for it, refill
 lossless decoding with it (greedy eager and compiled on a tiny model; the real model's greedy,
 refill, TP and sampling checks are in test_generate, test_refill, test_tp and test_sampling)."""
 import math
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -30,21 +31,26 @@ def reference_score(q, k, n, b, h, pool=7) -> torch.Tensor:
     return torch.stack([score[max(0, i - pool // 2): i + pool // 2 + 1].mean() for i in range(n[b])])
 
 
-def reference_keep(q, k, n, sink, select, window, pool=7) -> list[list[set]]:
+class Reference(NamedTuple):
+    keep: list  # [B][HKV] sets of positions
+    score: list  # [B][HKV] reference_score of that row and head
+
+
+def reference_keep(q, k, n, sink, select, window, pool=7) -> Reference:
     """Per row and KV head, the positions snapkv keeps in its selected slots: among positions
     before the ring (the last `window`), the sinks and the observation window first, then the best
     scores (reference_score)."""
-    w, out = q.shape[1], []
+    w, keep, scores = q.shape[1], [], []
     for b in range(q.shape[0]):
-        rows = []
+        keep.append([]), scores.append([])
         for h in range(k.shape[1]):
             pooled = reference_score(q, k, n, b, h, pool)
             cand = list(range(max(0, n[b] - window)))
             forced = [p for p in cand if p < sink or p >= n[b] - w]
             rest = sorted((p for p in cand if p not in forced), key=lambda p: -pooled[p])
-            rows.append(set(forced + rest[: select - len(forced)]))
-        out.append(rows)
-    return out
+            keep[b].append(set(forced + rest[: select - len(forced)]))
+            scores[b].append(pooled)
+    return Reference(keep, scores)
 
 
 def random_full(seed=0):
@@ -89,12 +95,13 @@ def test_fill_and_updates_keep_what_an_independent_reading_says(sink, select, wi
     q = torch.randn(B, OBS, HKV * G, D)
     c = SnapKVCache(B, HKV, D, torch.float32, sink=sink, select=select, window=window)
     c.fill(full, torch.tensor(n), q=q)
-    keep = reference_keep(q, full.k, n, sink, select, window)
+    keep, ref = reference_keep(q, full.k, n, sink, select, window)
     assert keep[2][0] != keep[2][1]  # per KV head
     got = c.score(q, full.k, torch.tensor(n))  # the scores themselves, not only their ranking
-    for b, m in enumerate(n):
-        for h in range(HKV):  # (up to pool // 2 before the end, where the pooling reads past n: the ring's)
-            torch.testing.assert_close(got[b, h, : m - 3].double(), reference_score(q, full.k, n, b, h)[: m - 3])
+    end = [m - c.pool // 2 for m in n]  # (past it the pooling reads beyond n: positions the ring holds)
+    for b in range(B):
+        for h in range(HKV):
+            torch.testing.assert_close(got[b, h, : end[b]].double(), ref[b][h][: end[b]])
     check_slots(c, full, n, keep)
     torch.manual_seed(1)
     T, steps = 3, -(-2 * window // 3) + 1
@@ -117,7 +124,7 @@ def test_refilled_rows_get_their_own_selection_and_leave_the_others():
     n, q = [300, 70], torch.randn(2, OBS, HKV * G, D)
     c.fill(full, torch.tensor(n), rows=torch.tensor([2, 0]), q=q)
     assert all(torch.equal(t[1], x) for t, x in zip((c.k, c.v, c.pos), before))
-    keep = reference_keep(q, full.k[[2, 0]], n, 4, 40, 24)
+    keep = reference_keep(q, full.k[[2, 0]], n, 4, 40, 24).keep
     for i, row in enumerate((2, 0)):
         one = SnapKVCache(1, HKV, D, torch.float32, sink=4, select=40, window=24)
         one.k, one.v, one.pos = c.k[row: row + 1], c.v[row: row + 1], c.pos[row: row + 1]
