@@ -136,24 +136,9 @@ MUTANTS = {  # name: (file, code, the bug, the tests that must catch it)
         ["tests/test_refill.py::test_gamma_auto_sees_each_rows_progress_once_no_request_is_left"]),
     "the batch's end chosen at the shared acceptance, not each row's": (
         'sampling.py',
-        'else (lambda a, r: (a + k * alpha) / (a + r + k))',
-        'else (lambda a, r: alpha)',
+        'expected_tokens((a + k * alpha) / (a + r + k), min(g, n - 1))',
+        'expected_tokens(alpha, min(g, n - 1))',
         ["tests/test_auto_gamma.py::test_at_a_batchs_end_it_picks_for_its_slowest_row"]),
-    "the batch's end set by the row that looks slowest by chance (no shrinkage toward the shared rate)": (
-        'sampling.py',
-        'return math.inf if between <= 0 else max(self.prior, noise / between - 1)',
-        'return self.prior',
-        ["tests/test_auto_gamma.py::test_rows_that_differ_by_chance_share_the_rate"]),
-    "--gamma auto's verify line fitted through the plain step": (
-        'sampling.py',
-        '        (self.verify if g else self.plain).add(g, t_verify, self.decay)\n        (self.plain if g else self.verify).fade(self.decay)',
-        '        self.verify.add(g, t_verify, self.decay)',
-        ["tests/test_auto_gamma.py::test_speculative_steps_are_priced_by_their_own_line"]),
-    "--gamma auto's verify line forgets only on speculative steps": (
-        'sampling.py',
-        '        (self.plain if g else self.verify).fade(self.decay)',
-        '        pass',
-        ["tests/test_auto_gamma.py::test_it_follows_costs_that_change_as_the_context_grows"]),
     "a user's mistake escapes cli.run as a traceback (the forked runs of tests/forkrun.py see it)": (
         'cli.py',
         '    except UsageError as e:\n        if int(os.environ',
