@@ -185,10 +185,10 @@ class Decoder:
         self.snap = self.mode in ("self", "window") and o.draft_cache == "snapkv"
         # the recent positions a window always holds: while every row's context fits, the draft reads it all
         self.holds = cli.snap_split(o.budget, o.sink, self.gmax, o.ring)[1] if self.snap else o.budget
-        # auto's plain steps leave a streaming self-draft's window stale and rebuild it from the full
-        # cache before the next draft (its fill is what the steps' writes would have left; a selection
-        # strategy keeps what its fill chose, so it is written every step)
-        self.lazy, self.stale = self.auto is not None and self.mode == "self" and not self.snap, False
+        # auto's plain steps leave a streaming self-draft's window stale (`stale`: how many steps) and
+        # the next draft first copies their positions from the full cache: what their writes would have
+        # left (a selection strategy keeps what its fill chose, so it is written every step)
+        self.lazy, self.stale = self.auto is not None and self.mode == "self" and not self.snap, 0
         self.drafter = model if self.mode in ("none", "self") else o.draft_model
         self.window = self.mode in ("self", "window")  # the drafter reads a window
         self.sampling = Sampling(o.temperature, o.top_k, o.top_p)
@@ -293,8 +293,9 @@ class Decoder:
         """Draft g tokens and verify them (g = 0: one plain decoding step); commits nothing."""
         s, B, cur, pos = self.sampling, self.B, self.rows.cur, self.rows.pos
         if g and self.stale:  # before the clock: auto times the draft as it costs step after step
-            self.model.fill_draft_cache(pos)
-        self.stale = self.lazy and not g
+            n = min(self.stale, self.o.budget - self.o.sink)  # (older positions left the ring)
+            self.model.catch_up_draft_cache((pos[:, None] - n + torch.arange(n, device=pos.device)).clamp(min=0))
+        self.stale = self.stale + 1 if self.lazy and not g else 0
         self.timer.mark(0)
         d, q = [], []
         if g:

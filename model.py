@@ -535,6 +535,14 @@ class Transformer(nn.Module):
             a = b.attention
             a.draft_cache.fill(a.kv_cache, length, rows, a.q_obs)
 
+    def catch_up_draft_cache(self, input_pos: Tensor):
+        """Write the full cache's K/V at positions input_pos [B, T] into each draft cache, as a
+        verify's hand-off would have: the positions that plain steps wrote while the draft was idle."""
+        for b in self.layers:
+            a = b.attention
+            k, v = a.kv_cache.take(slice(None), input_pos[:, None].expand(-1, a.kv_cache.k.shape[1], -1))
+            a.draft_cache.update(input_pos, k.transpose(1, 2), v.transpose(1, 2))  # [B, T, H_kv, D] each
+
     def free_caches(self):
         for b in self.layers:
             b.attention.kv_cache = b.attention.draft_cache = b.attention.q_obs = None

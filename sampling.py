@@ -109,18 +109,32 @@ class LineFit:
         self.w, self.wx, self.wy = decay * self.w + 1, decay * self.wx + x, decay * self.wy + y
         self.wxx, self.wxy = decay * self.wxx + x * x, decay * self.wxy + x * y
 
+    def fade(self, decay: float):
+        self.w, self.wx, self.wy, self.wxx, self.wxy = (decay * x for x in (self.w, self.wx, self.wy, self.wxx, self.wxy))
+
+    def spread(self) -> bool:
+        """More than one x seen (within rounding): the slope is measured."""
+        return self.wxx * self.w - self.wx * self.wx > 1e-9 * self.wxx * self.w
+
     def line(self) -> tuple[float, float]:
         var = self.wxx * self.w - self.wx * self.wx
-        v1 = max((self.wxy * self.w - self.wx * self.wy) / var, 0.0) if var > 1e-12 else 0.0
+        v1 = max((self.wxy * self.w - self.wx * self.wy) / var, 0.0) if self.spread() else 0.0
         return (self.wy - v1 * self.wx) / max(self.w, 1e-12), v1
+
+    def __add__(self, o: "LineFit") -> "LineFit":
+        return LineFit(self.w + o.w, self.wx + o.wx, self.wy + o.wy, self.wxx + o.wxx, self.wxy + o.wxy)
 
 
 class AutoGamma:
     """--gamma auto: before each step, the gamma (0 = a plain decoding step) with the most expected
     tokens per second, E(alpha, g) / (g * t_draft + t_verify(g)), from this run's own measurements:
-    alpha = accepted / (accepted + rejected) drafts, t_draft per draft forward, and the line
-    t_verify(g) = v0 + v1 * g (a verify step with its acceptance and commit), all exponentially
-    weighted so that they follow the growing context.
+    alpha = accepted / (accepted + rejected) drafts, t_draft per draft forward, a plain step's time
+    t_verify(0), and the line t_verify(g) = v0 + v1 * g over speculative steps (a verify step with
+    its acceptance and commit), all exponentially weighted so that they follow the growing context.
+    The line leaves the plain step out: on the CPU a verify of 2 tokens costs 1.4 plain steps at
+    6K x 32 and each further token 0.02 more, so a line through the plain step would price every
+    gamma above 1 far too high. Until two speculative gammas are timed the line runs through the
+    plain step (the cautious guess).
 
     Exploration is cheap and rare. A plain step and a gamma = 1 step first (the cheapest speculative
     step: it measures the draft's cost, a verify slope and the acceptance); then, every `gap`
@@ -132,7 +146,9 @@ class AutoGamma:
 
     Once no request is left to refill a row (`lag` given), the run ends when its slowest row does:
     between probes the gamma is the one that finishes the rows still decoding soonest, each row at
-    its own acceptance (its counts, with `prior` drafts at the shared rate) and its tokens left."""
+    its own acceptance and its tokens left. A row's acceptance weighs its own counts against drafts
+    at the shared rate, as many as the rows' spread beyond their counts' noise says (`strength`, at
+    least `prior`)."""
 
     def __init__(self, gammas=AUTO_GAMMAS, decay=0.95, min_gap=16, max_gap=128, margin=0.25, prior=4.0, group=None,
                  device=None):
@@ -141,7 +157,7 @@ class AutoGamma:
         self.group, self.device = group, device  # a tensor-parallel group follows its first rank
         self.accepted, self.rejected = 1.0, 1.0  # a uniform prior
         self.t_draft = None
-        self.verify = LineFit()
+        self.verify, self.plain = LineFit(), LineFit()  # speculative steps' verify; plain steps (x = 0)
         self.steps = 0
         self.gap, self.next_probe, self.probes = min_gap, 0, 0
         self.probe = None  # the gamma probed, while its times are still to come
@@ -149,7 +165,9 @@ class AutoGamma:
         self.used = {}
 
     def cost(self, g: int) -> float:
-        v0, v1 = self.verify.line()
+        if g == 0 and self.plain.w:
+            return max(self.plain.line()[0], 1e-12)
+        v0, v1 = (self.verify if self.verify.spread() else self.verify + self.plain).line()
         return max(g * (self.t_draft or 0.0) + v0 + v1 * g, 1e-12)
 
     @property
@@ -160,11 +178,27 @@ class AutoGamma:
     def rates(self) -> dict[int, float]:
         return {g: expected_tokens(self.alpha, g) / self.cost(g) for g in self.gammas}
 
+    def strength(self, lag: list) -> float:
+        """How many drafts at the shared rate weigh against a row's own counts: a beta-binomial's
+        a + b, estimated from the rows of `lag` by moments: their spread S = sum n_i (p_i - p)^2
+        beyond what counts of one shared rate give, (rows - 1) p (1 - p), is the rows' own
+        variance. Rows that differ no more than their counts' noise share the rate (inf): else the
+        row that looks the slowest by chance would set the gamma. At least `prior`."""
+        rows = [(a, a + r) for _, a, r in lag if a + r]
+        N = sum(n for _, n in rows)
+        if len(rows) < 2 or N < 2:
+            return self.prior
+        p = sum(a for a, _ in rows) / N
+        noise = p * (1 - p) * N / (N - 1)  # a draft's variance (unbiased)
+        S = sum(n * (a / n - p) ** 2 for a, n in rows)
+        between = (S - (len(rows) - 1) * noise) / (N - sum(n * n for _, n in rows) / N)
+        return math.inf if between <= 0 else max(self.prior, noise / between - 1)
+
     def finish(self, g: int, lag: list) -> float:
         """Seconds until the last row of `lag` [(tokens left, accepted, rejections)] is done at g."""
-        alpha, k = self.alpha, self.prior
-        return self.cost(g) * max(n / expected_tokens((a + k * alpha) / (a + r + k), min(g, n - 1))
-                                  for n, a, r in lag)
+        alpha, k = self.alpha, self.strength(lag)
+        own = (lambda a, r: alpha) if k == math.inf else (lambda a, r: (a + k * alpha) / (a + r + k))
+        return self.cost(g) * max(n / expected_tokens(own(a, r), min(g, n - 1)) for n, a, r in lag)
 
     def choose(self, covered: bool = False, lag: list | None = None) -> int:
         """The gamma of the next step. covered: every live row's context fits the draft window.
@@ -203,7 +237,8 @@ class AutoGamma:
     def timed(self, g: int, t_draft: float, t_verify: float):
         """A step's times (on CUDA they arrive a step late): its g draft forwards, and its verify
         with acceptance and commit. The best gamma is re-chosen; after a probe the gap moves."""
-        self.verify.add(g, t_verify, self.decay)
+        (self.verify if g else self.plain).add(g, t_verify, self.decay)
+        (self.plain if g else self.verify).fade(self.decay)  # both forget at the pace of steps
         if g:
             d = t_draft / g
             self.t_draft = d if self.t_draft is None else self.decay * self.t_draft + (1 - self.decay) * d

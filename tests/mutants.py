@@ -16,7 +16,7 @@ REFILL = f"{SN}::test_refilled_rows_get_their_own_selection_and_leave_the_others
 KEEP = f"{SN}::test_prefill_keeps_each_rows_observation_queries"
 ATT = "tests/test_attention.py::test_attention_backends_match_the_reference"
 WINDOW = "tests/test_draft_cache.py::test_window_holds_sinks_and_the_last_positions"
-LAZY = "tests/test_draft_cache.py::test_plain_steps_of_auto_skip_the_window_and_the_next_draft_rebuilds_it"
+LAZY = "tests/test_draft_cache.py::test_plain_steps_of_auto_skip_the_window_and_the_next_draft_catches_it_up"
 ANCHOR = "tests/test_generate.py::test_gamma_auto_is_exact"  # through greedy_refs: transformers' tokens
 MUTANTS = {  # name: (file, code, the bug, the tests that must catch it)
     'scores summed over the wrong query heads': (
@@ -96,8 +96,8 @@ MUTANTS = {  # name: (file, code, the bug, the tests that must catch it)
         [WINDOW]),
     "auto's plain steps leave the window stale for the next draft": (
         'generate.py',
-        '            self.model.fill_draft_cache(pos)\n',
-        '            pass\n',
+        '            self.model.catch_up_draft_cache(',
+        '            (lambda p: None)(',
         [LAZY]),
     "auto's plain steps still write the window": (
         'generate.py',
@@ -106,8 +106,18 @@ MUTANTS = {  # name: (file, code, the bug, the tests that must catch it)
         [LAZY]),
     "the stale flag is never set (plain steps write the window again)": (
         'generate.py',
-        '        self.stale = self.lazy and not g\n',
-        '        self.stale = self.lazy and self.stale\n',
+        '        self.stale = self.stale + 1 if self.lazy and not g else 0\n',
+        '        self.stale = 0\n',
+        [LAZY]),
+    "the catch-up copies one plain step's position too few": (
+        'generate.py',
+        'n = min(self.stale, self.o.budget - self.o.sink)',
+        'n = min(self.stale - 1, self.o.budget - self.o.sink)',
+        [LAZY]),
+    "the catch-up copies the positions one step early": (
+        'generate.py',
+        '(pos[:, None] - n + torch.arange(n',
+        '(pos[:, None] - n - 1 + torch.arange(n',
         [LAZY]),
     "the fills' gather strides rows by one head, not by H_kv (KVCache.take)": (
         'model.py',
@@ -136,9 +146,24 @@ MUTANTS = {  # name: (file, code, the bug, the tests that must catch it)
         ["tests/test_refill.py::test_gamma_auto_sees_each_rows_progress_once_no_request_is_left"]),
     "the batch's end chosen at the shared acceptance, not each row's": (
         'sampling.py',
-        'expected_tokens((a + k * alpha) / (a + r + k), min(g, n - 1))',
-        'expected_tokens(alpha, min(g, n - 1))',
+        'else (lambda a, r: (a + k * alpha) / (a + r + k))',
+        'else (lambda a, r: alpha)',
         ["tests/test_auto_gamma.py::test_at_a_batchs_end_it_picks_for_its_slowest_row"]),
+    "the batch's end set by the row that looks slowest by chance (no shrinkage toward the shared rate)": (
+        'sampling.py',
+        'return math.inf if between <= 0 else max(self.prior, noise / between - 1)',
+        'return self.prior',
+        ["tests/test_auto_gamma.py::test_rows_that_differ_by_chance_share_the_rate"]),
+    "--gamma auto's verify line fitted through the plain step": (
+        'sampling.py',
+        '        (self.verify if g else self.plain).add(g, t_verify, self.decay)\n        (self.plain if g else self.verify).fade(self.decay)',
+        '        self.verify.add(g, t_verify, self.decay)',
+        ["tests/test_auto_gamma.py::test_speculative_steps_are_priced_by_their_own_line"]),
+    "--gamma auto's verify line forgets only on speculative steps": (
+        'sampling.py',
+        '        (self.plain if g else self.verify).fade(self.decay)',
+        '        pass',
+        ["tests/test_auto_gamma.py::test_it_follows_costs_that_change_as_the_context_grows"]),
     "a user's mistake escapes cli.run as a traceback (the forked runs of tests/forkrun.py see it)": (
         'cli.py',
         '    except UsageError as e:\n        if int(os.environ',

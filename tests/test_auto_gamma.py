@@ -37,6 +37,8 @@ CASES = {  # alpha, t_draft, t_verify(g): shapes of this CPU and of a GPU
     "compute-bound verify": (0.8, 0.1, lambda g: 1.0 + 0.5 * g),  # this CPU at 6K x 32: gamma 1
     "compute-bound, short context": (0.8, 0.35, lambda g: 1.0 + 1.0 * g),  # this CPU at 2K: no speculation
     "moderate": (0.75, 0.12, lambda g: 1.0 + 0.08 * g),
+    # this CPU at 6K x 32: verifying 2 tokens costs 1.36 plain steps, each further token 0.02 more
+    "verify's jump from one token to several": (0.82, 0.2, lambda g: 1.0 if g == 0 else 1.34 + 0.02 * g),
 }
 
 
@@ -52,6 +54,19 @@ def test_it_settles_on_the_best_gamma_and_explores_little(case):
     # the expected throughput of what it chose, against always choosing the best
     got = sum(1 / rate[g] for g in gs) / len(gs)  # seconds per token, on average
     assert got <= (1 / rate[want]) * 1.03
+
+
+def test_speculative_steps_are_priced_by_their_own_line():
+    """Verifying several tokens costs a jump over a plain step, then little per token (this CPU at
+    6K x 32): after plain steps and steps of gamma 1 and 2, every gamma's step is priced at its
+    cost; a line through the plain step would price gamma 6 at ~60% more."""
+    _, t_draft, t_verify = CASES["verify's jump from one token to several"]
+    auto = AutoGamma()
+    for g in (0, 1, 0, 2, 0, 1, 2, 0):
+        auto.update(g, g, 0)
+        auto.timed(g, g * t_draft, t_verify(g))
+    for g in AUTO_GAMMAS:
+        assert auto.cost(g) == pytest.approx(g * t_draft + t_verify(g), rel=0.01), g
 
 
 def test_exploration_grows_rarer_while_plain_decoding_wins():
@@ -87,7 +102,9 @@ def test_at_a_batchs_end_it_picks_for_its_slowest_row():
     pooled, _ = best_of(alpha, t_draft, t_verify)
     slow = (40, 30, 70)  # 40 tokens left; 30 drafts accepted, 70 rejections: alpha ~0.3
     fast = [(8, 90, 10)] * 20  # nearly done
-    a = (30 + auto.prior * alpha) / (100 + auto.prior)  # the slow row's acceptance with the prior
+    k = auto.strength(fast + [slow])
+    assert auto.prior <= k < 20  # rows this far apart keep their own rates
+    a = (30 + k * alpha) / (100 + k)  # the slow row's acceptance, shrunk toward the shared one
     want, rate = best_of(a, t_draft, t_verify)
     assert want != pooled  # (the case tells the two apart)
     auto.next_probe = auto.steps + 10  # (between probes)
@@ -95,3 +112,23 @@ def test_at_a_batchs_end_it_picks_for_its_slowest_row():
     assert auto.choose(lag=fast + [slow]) in near
     assert auto.choose(lag=[(40, 0, 0)] * 8) == auto.best  # rows that have shown nothing: the shared rate
     assert auto.choose(lag=[(1, 9, 1)] * 8) == 0
+
+
+def test_rows_that_differ_by_chance_share_the_rate():
+    """32 rows of one true acceptance, their counts as binomial as real drafts': the row that looks
+    the slowest by chance does not set the gamma (it would pick a plain step here); rows whose
+    counts spread far beyond that noise keep their own rates."""
+    alpha, t_draft, t_verify = CASES["verify's jump from one token to several"]
+    _, _, auto = run(lambda i: alpha, t_draft, lambda g, i: t_verify(g))
+    rng = random.Random(1)
+    lag = []
+    for _ in range(32):
+        a = sum(rng.random() < alpha for _ in range(20))
+        lag.append((30, a, 20 - a))
+    assert auto.strength(lag) > 100
+    auto.next_probe = auto.steps + 10  # (between probes)
+    assert auto.choose(lag=lag) == auto.best != 0
+    worst = min(lag, key=lambda x: x[1])
+    assert best_of(worst[1] / 20, t_draft, t_verify)[0] != auto.best  # (the case tells the two apart)
+    apart = [(30, 19, 1)] * 16 + [(30, 8, 12)] * 16  # acceptance 0.95 and 0.4
+    assert auto.strength(apart) < 10

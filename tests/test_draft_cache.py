@@ -55,18 +55,19 @@ def test_window_holds_sinks_and_the_last_positions(tiny_ckpt):
             check(model, last)
 
 
-def test_plain_steps_of_auto_skip_the_window_and_the_next_draft_rebuilds_it(tiny_ckpt, monkeypatch):
+def test_plain_steps_of_auto_skip_the_window_and_the_next_draft_catches_it_up(tiny_ckpt, monkeypatch):
     """--gamma auto's plain steps (gamma 0) do not write the window; the next speculative step
-    first rebuilds it from the full cache, to exactly what StreamingLLM keeps."""
+    first copies their positions from the full cache, to exactly what StreamingLLM keeps (after
+    fewer plain steps than the ring holds, and after more)."""
     from sampling import AutoGamma
 
     model = Transformer.from_checkpoint(tiny_ckpt, "cpu", torch.float32)
     torch.manual_seed(0)
-    plan = [0] * 9 + [2] + [0] * 7 + [1, 3] + [0] * 12 + [2, 0, 0, 4]
+    plan = [0] * 9 + [2] + [0] * 7 + [1, 3] + [0] * 12 + [2, 0, 0, 4] + [0] * 20 + [1] + [0] + [3]
     it = iter(plan)
     monkeypatch.setattr(AutoGamma, "choose", lambda self, covered=False, lag=None: next(it))
-    dec = gen.Decoder(model, 4, 160, 30, gamma="auto", budget=16, sink=2)  # a ring of 14
-    prompts = [Request(torch.randint(3, 400, (n,)).tolist(), 30, i) for i, n in enumerate((30, 41, 5, 37))]
+    dec = gen.Decoder(model, 4, 160, 60, gamma="auto", budget=16, sink=2)  # a ring of 14
+    prompts = [Request(torch.randint(3, 400, (n,)).tolist(), 60, i) for i, n in enumerate((30, 41, 5, 37))]
     win = model.layers[0].attention.draft_cache
     with torch.no_grad():
         dec.prefill([0, 1, 2, 3], prompts)
