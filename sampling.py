@@ -146,7 +146,9 @@ class AutoGamma:
 
     Once no request is left to refill a row (`lag` given), the run ends when its slowest row does:
     between probes the gamma is the one that finishes the rows still decoding soonest, each row at
-    its own acceptance and its tokens left. A row's acceptance weighs its own counts against drafts
+    its own acceptance and its tokens left; and no probe starts once the slowest row needs fewer
+    steps than the gap: what it would learn has no steps left to pay for it (in a fixed batch a
+    probe rarely shortens the slowest row, so it costs its whole step). A row's acceptance weighs its own counts against drafts
     at the shared rate, as many as the rows' spread beyond their counts' noise says (`strength`, at
     least `prior`)."""
 
@@ -194,11 +196,15 @@ class AutoGamma:
         between = (S - (len(rows) - 1) * noise) / (N - sum(n * n for _, n in rows) / N)
         return math.inf if between <= 0 else max(self.prior, noise / between - 1)
 
-    def finish(self, g: int, lag: list) -> float:
-        """Seconds until the last row of `lag` [(tokens left, accepted, rejections)] is done at g."""
+    def steps_left(self, g: int, lag: list) -> float:
+        """Steps until the last row of `lag` [(tokens left, accepted, rejections)] is done at g."""
         alpha, k = self.alpha, self.strength(lag)
         own = (lambda a, r: alpha) if k == math.inf else (lambda a, r: (a + k * alpha) / (a + r + k))
-        return self.cost(g) * max(n / expected_tokens(own(a, r), min(g, n - 1)) for n, a, r in lag)
+        return max(n / expected_tokens(own(a, r), min(g, n - 1)) for n, a, r in lag)
+
+    def finish(self, g: int, lag: list) -> float:
+        """Seconds until the last row of `lag` is done at g."""
+        return self.cost(g) * self.steps_left(g, lag)
 
     def choose(self, covered: bool = False, lag: list | None = None) -> int:
         """The gamma of the next step. covered: every live row's context fits the draft window.
@@ -206,7 +212,8 @@ class AutoGamma:
         if covered:
             g = 0
             self.next_probe = self.steps  # explore as soon as the context outgrows the window
-        elif self.probe is None and (self.t_draft is None or self.steps >= self.next_probe):
+        elif self.probe is None and (self.t_draft is None or self.steps >= self.next_probe and not (
+                lag and self.steps_left(self.best, lag) < self.gap)):  # (a lesson the run's end leaves no use for)
             if self.t_draft is None and 0 in self.gammas and 0 not in self.used:
                 g = 0  # the cold start: a plain step, then gamma 1 as the first probe
             elif self.t_draft is None:

@@ -154,6 +154,11 @@ MUTANTS = {  # name: (file, code, the bug, the tests that must catch it)
         'return math.inf if between <= 0 else max(self.prior, noise / between - 1)',
         'return self.prior',
         ["tests/test_auto_gamma.py::test_rows_that_differ_by_chance_share_the_rate"]),
+    "--gamma auto probes at a batch's end with no steps left to use the lesson": (
+        'sampling.py',
+        'self.steps >= self.next_probe and not (\n                lag and self.steps_left(self.best, lag) < self.gap))',
+        'self.steps >= self.next_probe)',
+        ["tests/test_auto_gamma.py::test_no_probe_the_batchs_end_leaves_no_steps_to_use"]),
     "--gamma auto's verify line fitted through the plain step": (
         'sampling.py',
         '        (self.verify if g else self.plain).add(g, t_verify, self.decay)\n        (self.plain if g else self.verify).fade(self.decay)',

@@ -114,6 +114,20 @@ def test_at_a_batchs_end_it_picks_for_its_slowest_row():
     assert auto.choose(lag=[(1, 9, 1)] * 8) == 0
 
 
+def test_no_probe_the_batchs_end_leaves_no_steps_to_use():
+    """A probe is due, but the slowest row needs fewer steps than the gap: in a fixed batch a probe
+    rarely shortens that row, so it would cost its whole step for a lesson with no steps left to use."""
+    alpha, t_draft, t_verify = CASES["drafts cost a step"]
+    _, _, auto = run(lambda i: alpha, t_draft, lambda g, i: t_verify(g), steps=60)
+    assert auto.best == 0
+    auto.next_probe = auto.steps  # (a probe is due)
+    probe = auto.gammas[1]  # the neighbour of gamma 0
+    assert auto.choose(lag=[(auto.gap - 2, 3, 7)] * 8) == 0  # fewer steps left than the gap
+    auto.next_probe = auto.steps
+    assert auto.choose(lag=[(auto.gap + 2, 3, 7)] * 8) == probe  # enough left: the probe runs
+    assert auto.probe == probe
+
+
 def test_rows_that_differ_by_chance_share_the_rate():
     """32 rows of one true acceptance, their counts as binomial as real drafts': the row that looks
     the slowest by chance does not set the gamma (it would pick a plain step here); rows whose
