@@ -197,10 +197,29 @@ class AutoGamma:
         return math.inf if between <= 0 else max(self.prior, noise / between - 1)
 
     def steps_left(self, g: int, lag: list) -> float:
-        """Steps until the last row of `lag` [(tokens left, accepted, rejections)] is done at g."""
+        """Steps until the last row of `lag` [(tokens left, accepted, rejections)] is done at g. A
+        speculating row's steps scatter (a step commits 1 to g + 1 tokens: n tokens take about
+        n / m steps, sd sqrt(n v / m^3), m and v a step's tokens' mean and variance) and the batch
+        waits for the slowest row: the mean of the rows' largest count, each row's count normal."""
         alpha, k = self.alpha, self.strength(lag)
         own = (lambda a, r: alpha) if k == math.inf else (lambda a, r: (a + k * alpha) / (a + r + k))
-        return max(n / expected_tokens(own(a, r), min(g, n - 1)) for n, a, r in lag)
+
+        def steps(n, a, r):  # -> (mean, sd)
+            h, p = min(g, n - 1), own(a, r)
+            P = [p ** j * (1 - p) for j in range(h)] + [p ** h]  # j drafts accepted: j + 1 tokens
+            m = expected_tokens(p, h)
+            return n / m, math.sqrt(n * sum(w * (j + 1 - m) ** 2 for j, w in enumerate(P)) / m ** 3)
+        rows = [steps(*x) for x in lag]
+        lo = max(m - 3 * s for m, s in rows)  # no row's count is likely below this: the max is not either
+        rows = [(m, s) for m, s in rows if s > 0 and m + 3 * s > lo]  # the rows that may finish last
+        if not rows:
+            return lo
+        # E[max] = lo + the integral over t > lo of P(some row is still going at t)
+        hi, N = max(m + 3 * s for m, s in rows), 16
+        dt = (hi - lo) / N
+        going = [1 - math.prod(0.5 * (1 + math.erf((lo + i * dt - m) / (s * math.sqrt(2)))) for m, s in rows)
+                 for i in range(N + 1)]
+        return lo + dt * (sum(going) - (going[0] + going[-1]) / 2)
 
     def finish(self, g: int, lag: list) -> float:
         """Seconds until the last row of `lag` is done at g."""

@@ -159,6 +159,11 @@ MUTANTS = {  # name: (file, code, the bug, the tests that must catch it)
         'self.steps >= self.next_probe and not (\n                lag and self.steps_left(self.best, lag) < self.gap))',
         'self.steps >= self.next_probe)',
         ["tests/test_auto_gamma.py::test_no_probe_the_batchs_end_leaves_no_steps_to_use"]),
+    "a batch's end priced by each row's mean steps alone (the slowest row's scatter ignored)": (
+        'sampling.py',
+        'return n / m, math.sqrt(',
+        'return n / m, 0 * math.sqrt(',
+        ["tests/test_auto_gamma.py::test_a_batchs_end_waits_for_the_slowest_of_its_rows"]),
     "--gamma auto's verify line fitted through the plain step": (
         'sampling.py',
         '        (self.verify if g else self.plain).add(g, t_verify, self.decay)\n        (self.plain if g else self.verify).fade(self.decay)',
