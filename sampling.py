@@ -146,11 +146,11 @@ class AutoGamma:
 
     Once no request is left to refill a row (`lag` given), the run ends when its slowest row does:
     between probes the gamma is the one that finishes the rows still decoding soonest, each row at
-    its own acceptance and its tokens left; and no probe starts once the slowest row needs fewer
-    steps than the gap: what it would learn has no steps left to pay for it (in a fixed batch a
-    probe rarely shortens the slowest row, so it costs its whole step). A row's acceptance weighs its own counts against drafts
-    at the shared rate, as many as the rows' spread beyond their counts' noise says (`strength`, at
-    least `prior`)."""
+    its own acceptance and its tokens left, the batch waiting for the slowest (`steps_left`). No
+    probe starts once the slowest row needs fewer steps than the gap: what it would learn has no
+    steps left to pay for it (in a fixed batch a probe rarely shortens the slowest row, so it costs
+    its whole step). A row's acceptance weighs its own counts against drafts at the shared rate, as
+    many as the rows' spread beyond their counts' noise says (`strength`, at least `prior`)."""
 
     def __init__(self, gammas=AUTO_GAMMAS, decay=0.95, min_gap=16, max_gap=128, margin=0.25, prior=4.0, group=None,
                  device=None):

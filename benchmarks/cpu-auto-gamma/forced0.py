@@ -20,12 +20,13 @@ torch.set_grad_enabled(False)
 ckpt = ROOT / "checkpoints" / "smollm2-135m"
 _, tok = read_checkpoint(ckpt)
 m = Transformer.from_checkpoint(ckpt, "cpu", torch.float32)
-prompts = [tok.encode(json.loads(line)["text"])[:L] for line in open(ROOT / "data" / f"prompts_{L}.jsonl")][:B]
+src = min((f for f in (ROOT / "data").glob("prompts_*.jsonl") if int(f.stem[8:]) >= L), key=lambda f: int(f.stem[8:]))
+prompts = [tok.encode(json.loads(line)["text"])[:L] for line in open(src)][:B]
 assert all(len(p) == L for p in prompts)
 free = sampling.AutoGamma.choose
 
 
-def forced(self, covered=False):
+def forced(self, covered=False, lag=None):
     self.used[0] = self.used.get(0, 0) + 1
     self.steps += 1
     return 0
