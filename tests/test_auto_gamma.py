@@ -128,6 +128,9 @@ def test_at_a_batchs_end_it_picks_for_its_slowest_row():
     auto.next_probe = auto.steps + 10  # (between probes)
     near = {g for g in t if t[g] <= 1.02 * t[want]}
     assert auto.choose(lag=fast + [slow]) in near
+    t = {g: batch_steps([(40, alpha)] * 8, g, 1000) * (g * t_draft + t_verify(g)) for g in AUTO_GAMMAS}
+    near = {g for g in t if t[g] <= 1.02 * min(t.values())}
+    assert auto.choose(lag=[(40, 0, 0)] * 8) in near  # rows that have shown nothing: the shared rate
     assert auto.choose(lag=[(1, 9, 1)] * 8) == 0
 
 
