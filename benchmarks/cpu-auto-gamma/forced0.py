@@ -1,28 +1,16 @@
 """Plain decoding against --gamma auto with gamma 0 forced on every step (AutoGamma.choose patched)
 and free auto, one process, 3 interleaved repeats: seconds per verify step.
     python benchmarks/cpu-auto-gamma/forced0.py 2048 1     # prompt length, batch size"""
-import json
 import statistics
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-import torch  # noqa: E402
+from shape import load  # (first: it puts the project on sys.path)
 
 import sampling  # noqa: E402
-from cli import read_checkpoint  # noqa: E402
 from generate import generate  # noqa: E402
-from model import Transformer  # noqa: E402
 
 L, B, N = int(sys.argv[1]), int(sys.argv[2]), 64
-torch.set_grad_enabled(False)
-ckpt = ROOT / "checkpoints" / "smollm2-135m"
-_, tok = read_checkpoint(ckpt)
-m = Transformer.from_checkpoint(ckpt, "cpu", torch.float32)
-src = min((f for f in (ROOT / "data").glob("prompts_*.jsonl") if int(f.stem[8:]) >= L), key=lambda f: int(f.stem[8:]))
-prompts = [tok.encode(json.loads(line)["text"])[:L] for line in open(src)][:B]
-assert all(len(p) == L for p in prompts)
+m, prompts = load(L, B)
 free = sampling.AutoGamma.choose
 
 

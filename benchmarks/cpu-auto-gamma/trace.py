@@ -4,27 +4,15 @@ gamma chosen, the slowest row's tokens left and the finish times it weighed (`Au
 seconds per gamma), then the step's measured draft and verify seconds, the rates after them
 (tokens/s per gamma, `AutoGamma.rates`) and the shared acceptance.
     python benchmarks/cpu-auto-gamma/trace.py 2048 8      # prompt length, batch size"""
-import json
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-import torch  # noqa: E402
+from shape import load  # (first: it puts the project on sys.path)
 
 import sampling  # noqa: E402
-from cli import read_checkpoint  # noqa: E402
 from generate import generate  # noqa: E402
-from model import Transformer  # noqa: E402
 
 L, B = int(sys.argv[1]), int(sys.argv[2])
-torch.set_grad_enabled(False)
-ckpt = ROOT / "checkpoints" / "smollm2-135m"
-_, tok = read_checkpoint(ckpt)
-m = Transformer.from_checkpoint(ckpt, "cpu", torch.float32)
-src = min((f for f in (ROOT / "data").glob("prompts_*.jsonl") if int(f.stem[8:]) >= L), key=lambda f: int(f.stem[8:]))
-prompts = [tok.encode(json.loads(line)["text"])[:L] for line in open(src)][:B]
-assert len(prompts) == B and all(len(p) == L for p in prompts)
+m, prompts = load(L, B)
 timed, choose = sampling.AutoGamma.timed, sampling.AutoGamma.choose
 r2 = lambda d: {k: round(v, 2) for k, v in d.items()}
 
